@@ -1,0 +1,108 @@
+"""Declarative checkpoint key tables: one table per model serves both conversion directions.
+
+A table is a list of `Module(jax, torch, kind)` rows. `jax` is the dotted path of an NNX module inside our model,
+`torch` the dotted module name in the diffusers state dict; rows whose paths contain `{i}` live in a stack of
+blocks (`stack` names the stack's attribute, e.g. "transformer_blocks"). The kind says how each parameter maps:
+
+  linear: torch `weight [out, in]` <-> `kernel [in, out]` (transposed), `bias` <-> `bias` (optional)
+  norm:   torch `weight` <-> `scale`
+  param:  torch tensor <-> a bare nnx.Param (same layout)
+
+With scanned blocks a JAX leaf holds all layers stacked on axis 0; `expand()` turns the table into leaf-level
+`Leaf` rows, each knowing its torch keys and how to move a tensor across, so conversion can stream leaf by leaf.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Module:
+    jax: str
+    torch: str
+    kind: str  # "linear" | "norm" | "param"
+
+
+# per kind: (torch param suffix, jax leaf name, transpose?)
+_KIND_PARAMS = {
+    "linear": (("weight", "kernel", True), ("bias", "bias", False)),
+    "norm": (("weight", "scale", False),),
+    "param": (("", "", False),),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One JAX parameter leaf and the torch key(s) it corresponds to (several when layers are stacked)."""
+    jax_path: tuple[str, ...]
+    torch_keys: tuple[str, ...]
+    transpose: bool
+    stacked: bool
+
+    def to_jax(self, tensors: list[np.ndarray]) -> np.ndarray:
+        arrs = [t.T if self.transpose else t for t in tensors]
+        return np.stack(arrs) if self.stacked else arrs[0]
+
+    def to_torch(self, leaf: np.ndarray) -> list[np.ndarray]:
+        parts = list(leaf) if self.stacked else [leaf]
+        return [np.ascontiguousarray(p.T if self.transpose else p) for p in parts]
+
+    def torch_shape(self, jax_shape: tuple[int, ...]) -> tuple[int, ...]:
+        s = jax_shape[1:] if self.stacked else jax_shape
+        return tuple(reversed(s)) if self.transpose else tuple(s)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyTable:
+    top: tuple[Module, ...]
+    stacks: dict  # stack attribute name -> tuple[Module, ...] with `{i}` in torch names
+
+    def expand(self, num_layers: dict[str, int], scanned: bool, present: Callable[[tuple[str, ...]], bool]
+               ) -> list[Leaf]:
+        """Leaf rows for a model; `present(path)` says whether an optional leaf (e.g. a bias) exists in it."""
+        leaves = []
+        for m in self.top:
+            leaves += _module_leaves(m, (), None, present)
+        for stack, modules in self.stacks.items():
+            n = num_layers[stack]
+            for m in modules:
+                if scanned:
+                    leaves += _module_leaves(m, (stack,), list(range(n)), present)
+                else:
+                    for i in range(n):
+                        leaves += _module_leaves(m, (stack, str(i)), [i], present, stacked=False)
+        return leaves
+
+    def torch_module_names(self, num_layers: dict[str, int]) -> dict[str, str]:
+        """diffusers module name -> dotted JAX module path with `{i}` filled (used by LoRA loading)."""
+        out = {m.torch: m.jax for m in self.top if m.kind == "linear"}
+        for stack, modules in self.stacks.items():
+            for i in range(num_layers[stack]):
+                for m in modules:
+                    if m.kind == "linear":
+                        out[m.torch.format(i=i)] = f"{stack}.{{i}}.{m.jax}".replace("{i}", str(i))
+        return out
+
+
+def _module_leaves(m: Module, prefix, layers, present, stacked=True) -> list[Leaf]:
+    rows = []
+    for t_suffix, j_leaf, transpose in _KIND_PARAMS[m.kind]:
+        jpath = prefix + tuple(m.jax.split(".")) + ((j_leaf,) if j_leaf else ())
+        if not present(jpath):
+            if t_suffix == "bias":
+                continue
+            raise KeyError(f"key table names {'.'.join(jpath)} but the model has no such parameter")
+        tname = m.torch + (f".{t_suffix}" if t_suffix else "")
+        if layers is None:
+            keys = (tname,)
+        else:
+            keys = tuple(tname.format(i=i) for i in layers)
+        rows.append(Leaf(jpath, keys, transpose, stacked and layers is not None))
+    return rows
+
+
+def linear_modules(rows: Iterable[tuple[str, str]]) -> tuple[Module, ...]:
+    return tuple(Module(j, t, "linear") for j, t in rows)

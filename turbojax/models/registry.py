@@ -1,0 +1,105 @@
+"""Model families: diffusers `_class_name` -> our config class, model class and key table."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from turbojax.convert.keytable import KeyTable
+from turbojax.models.qwen_image import QWEN_IMAGE_20B, QWEN_IMAGE_TINY, QwenImageConfig, QwenImageTransformer
+from turbojax.models.qwen_image_keys import QWEN_IMAGE_KEYS
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    class_names: tuple[str, ...]
+    config_cls: type
+    model_cls: type
+    keys: KeyTable
+    stack_sizes: Callable[[Any], dict[str, int]]
+    ignored_config_keys: frozenset = frozenset()
+    presets: dict = dataclasses.field(default_factory=dict)
+
+
+_DIFFUSERS_BOOKKEEPING = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"})
+
+FAMILIES: dict[str, Family] = {
+    "qwen_image": Family(
+        name="qwen_image",
+        class_names=("QwenImageTransformer2DModel",),
+        config_cls=QwenImageConfig,
+        model_cls=QwenImageTransformer,
+        keys=QWEN_IMAGE_KEYS,
+        stack_sizes=lambda c: {"transformer_blocks": c.num_layers},
+        # written by diffusers 0.34 into the original Qwen-Image config; no longer a constructor argument
+        ignored_config_keys=frozenset({"pooled_projection_dim"}),
+        presets={"qwen_image": QWEN_IMAGE_20B, "qwen_image_tiny": QWEN_IMAGE_TINY},
+    ),
+}
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ConfigError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def family_for_class(class_name: str | None, source: str) -> Family:
+    for fam in FAMILIES.values():
+        if class_name in fam.class_names:
+            return fam
+    known = sorted(c for f in FAMILIES.values() for c in f.class_names)
+    raise ConfigError(f"{source}: unknown _class_name {class_name!r}; turbojax can load {known}")
+
+
+def get_preset(name: str):
+    """A named model config, e.g. "qwen_image" (real 20B) or "qwen_image_tiny"."""
+    for fam in FAMILIES.values():
+        if name in fam.presets:
+            return fam, fam.presets[name]
+    raise ConfigError(f"unknown model preset {name!r}; known: "
+                      f"{sorted(p for f in FAMILIES.values() for p in f.presets)}")
+
+
+def config_from_dict(fam: Family, raw: dict, source: str):
+    """Build a family config from a diffusers config dict. Unknown keys raise (they may change the architecture)."""
+    fields = {f.name for f in dataclasses.fields(fam.config_cls)}
+    unknown = sorted(set(raw) - fields - _DIFFUSERS_BOOKKEEPING - fam.ignored_config_keys)
+    if unknown:
+        raise ConfigError(f"{source}: config keys {unknown} are not understood by turbojax's {fam.name} model")
+    kwargs = {}
+    for k in fields & set(raw):
+        v = raw[k]
+        kwargs[k] = tuple(v) if isinstance(v, list) else v
+    return fam.config_cls(**kwargs)
+
+
+def config_to_dict(fam: Family, cfg) -> dict:
+    out = {"_class_name": fam.class_names[0]}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def read_component_config(folder: Path) -> tuple[Family, Any, str]:
+    """(family, config, raw text) of a diffusers component folder's `config.json`."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json (expected a diffusers component folder such as "
+                                "<pipeline>/transformer)")
+    text = path.read_text()
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    fam = family_for_class(raw.get("_class_name"), str(path))
+    return fam, config_from_dict(fam, raw, str(path)), text

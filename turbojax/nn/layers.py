@@ -1,0 +1,78 @@
+"""Basic layers shared by every turbojax model.
+
+Every parameter carries logical axis names in its `axes` metadata (resolved to mesh axes by
+`turbojax.sharding`). Parameters are stored in `param_dtype`; matmuls run in the compute `dtype`;
+norm statistics are always taken in float32 (the PyTorch references do the same).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def _param(rngs: nnx.Rngs, init, shape: Sequence[int], dtype, axes: Axes) -> nnx.Param:
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), axes=tuple(axes))
+
+
+class Linear(nnx.Module):
+    """`y = x @ kernel + bias`; `kernel` is `[in, out]`, i.e. the transpose of torch's `weight`."""
+
+    def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs, use_bias: bool = True,
+                 axes: Axes = ("embed", "mlp"), param_dtype=jnp.float32, dtype=jnp.float32):
+        init = nnx.initializers.variance_scaling(1.0, "fan_in", "uniform")
+        self.kernel = _param(rngs, init, (in_features, out_features), param_dtype, axes)
+        self.bias = (_param(rngs, nnx.initializers.zeros_init(), (out_features,), param_dtype, axes[1:])
+                     if use_bias else None)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """diffusers/transformers RMSNorm: statistics in fp32, scaled by a learned weight (`scale`)."""
+
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, eps: float = 1e-6, axes: Axes = ("embed",),
+                 param_dtype=jnp.float32, dtype=jnp.float32):
+        self.scale = _param(rngs, nnx.initializers.ones_init(), (dim,), param_dtype, axes)
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        w = self.scale[...]
+        # torch casts the normalised tensor to a half-precision weight dtype *before* the product.
+        if w.dtype != jnp.float32:
+            y = y.astype(w.dtype)
+        return (y * w).astype(self.dtype)
+
+
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm without affine parameters, statistics in fp32, result in x's dtype."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def timestep_sinusoid(t: jax.Array, dim: int = 256, *, scale: float = 1000.0, max_period: float = 10000.0,
+                      dtype=jnp.float32) -> jax.Array:
+    """diffusers `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0, scale)`: `[cos | sin]`.
+
+    Mirrors the reference's rounding: the frequency table is cast to the timestep dtype (bf16 in a bf16 model)
+    before the fp32 product, and the product is taken as `(t * f) * scale`.
+    """
+    half = dim // 2
+    exponent = -jnp.log(jnp.float32(max_period)) * jnp.arange(half, dtype=jnp.float32) / jnp.float32(half)
+    freqs = jnp.exp(exponent).astype(dtype).astype(jnp.float32)
+    args = (t.astype(dtype).astype(jnp.float32)[:, None] * freqs[None, :]) * jnp.float32(scale)
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
