@@ -76,14 +76,16 @@ class KeyTable:
                         leaves += _module_leaves(m, (stack, str(i)), [i], present, stacked=False)
         return leaves
 
-    def torch_module_names(self, num_layers: dict[str, int]) -> dict[str, str]:
-        """diffusers module name -> dotted JAX module path with `{i}` filled (used by LoRA loading)."""
-        out = {m.torch: m.jax for m in self.top if m.kind == "linear"}
+    def linear_index(self, num_layers: dict[str, int], scanned: bool) -> dict[str, tuple[str, int | None]]:
+        """diffusers Linear module name -> (our dotted module path, layer index in a scanned stack or None)."""
+        out = {m.torch: (m.jax, None) for m in self.top if m.kind == "linear"}
         for stack, modules in self.stacks.items():
-            for i in range(num_layers[stack]):
-                for m in modules:
-                    if m.kind == "linear":
-                        out[m.torch.format(i=i)] = f"{stack}.{{i}}.{m.jax}".replace("{i}", str(i))
+            for m in modules:
+                if m.kind != "linear":
+                    continue
+                for i in range(num_layers[stack]):
+                    out[m.torch.format(i=i)] = ((f"{stack}.{m.jax}", i) if scanned
+                                                else (f"{stack}.{i}.{m.jax}", None))
         return out
 
 

@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="turbojax",
+    version="0.1.0",
+    description="Few-step (2-step) distillation of text-to-image diffusion transformers in JAX/Flax",
+    packages=find_packages(include=["turbojax", "turbojax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10,<0.13",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "einops>=0.8",
+        "ml-collections>=1.1",
+        "safetensors>=0.5",
+        "transformers>=4.57",
+        "tqdm",
+        "numpy>=2",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "torch==2.13.0", "diffusers==0.42.1", "peft>=0.17", "accelerate"],
+        "torch": ["torch==2.13.0", "diffusers==0.42.1", "peft>=0.17"],
+        "tpu": ["jax[tpu]>=0.10,<0.13"],
+        "gpu": ["jax[cuda12]>=0.10,<0.13"],
+    },
+    entry_points={"console_scripts": ["turbojax-convert=turbojax.convert.__main__:main"]},
+)

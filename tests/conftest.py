@@ -1,0 +1,22 @@
+"""Test setup: 8 simulated CPU devices, hermetic Hugging Face, persistent compilation cache in the work tree."""
+import os
+from pathlib import Path
+
+# Must happen before JAX initialises its backend.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TURBOJAX_PROGRESS", "0")
+
+import jax  # noqa: E402
+
+_CACHE = Path(__file__).resolve().parent.parent / ".jax_cache"
+jax.config.update("jax_compilation_cache_dir", str(_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end checks (still run in CI)")

@@ -1,0 +1,53 @@
+"""Tiny PyTorch reference models (diffusers) with non-trivial random weights, shared by the parity tests."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+TINY_QWEN = dict(num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+                 in_channels=16, out_channels=4, axes_dims_rope=(4, 6, 6))
+
+
+def perturb_(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Add noise to every parameter: default inits zero some layers, which would hide wiring mistakes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return module.eval()
+
+
+def tiny_qwen(seed: int = 0, **overrides):
+    from diffusers import QwenImageTransformer2DModel
+    torch.manual_seed(seed)
+    return perturb_(QwenImageTransformer2DModel(**{**TINY_QWEN, **overrides}), seed)
+
+
+def state_dict_np(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().float().numpy() if v.dtype == torch.bfloat16 else v.detach().numpy()
+            for k, v in module.state_dict().items()}
+
+
+def qwen_inputs(rng: np.random.Generator, *, batch=2, h=4, w=6, text_len=7, in_channels=16, text_dim=24,
+                pad_from=(None, 4)):
+    """Packed latents [B, h*w, C], text [B, L, D], mask with sample b valid up to pad_from[b], sigmas in (0, 1)."""
+    x = rng.standard_normal((batch, h * w, in_channels)).astype(np.float32)
+    ctx = rng.standard_normal((batch, text_len, text_dim)).astype(np.float32)
+    mask = np.ones((batch, text_len), np.float32)
+    for b, p in enumerate(pad_from[:batch]):
+        if p is not None:
+            mask[b, p:] = 0
+    t = rng.uniform(0.05, 0.95, size=(batch,)).astype(np.float32)
+    return dict(hidden_states=x, encoder_hidden_states=ctx, encoder_hidden_states_mask=mask, timestep=t,
+                img_shapes=[[(1, h, w)]] * batch)
+
+
+def run_torch(model, inputs: dict) -> np.ndarray:
+    kw = {k: (torch.tensor(v) if isinstance(v, np.ndarray) else v) for k, v in inputs.items()}
+    with torch.no_grad():
+        return model(**kw).sample.float().numpy()
+
+
+def max_rel_err(out: np.ndarray, ref: np.ndarray) -> float:
+    """Max abs error relative to the output scale (max |ref|)."""
+    return float(np.abs(np.asarray(out, np.float64) - ref).max() / max(np.abs(ref).max(), 1e-12))

@@ -1,0 +1,146 @@
+"""Model weights as Orbax checkpoints, written and read a bounded part at a time.
+
+Layout of an exported model directory:
+
+    turbojax.json        family, model config (+ the original config.json text), scan layout, leaf index, and
+                         the source safetensors layout (so `to-torch` reproduces the original files byte for byte)
+    params/part-00000/   Orbax (StandardCheckpointer) checkpoints, each holding a group of parameter leaves
+    params/part-00001/   as a nested dict keyed by the module path
+
+Orbax serialises a whole pytree at once and copies it on the way, so one checkpoint per bounded group of leaves
+keeps peak host memory near one part (~`max_part_bytes`, or the largest single leaf) instead of the model size.
+Each part restores straight into target shardings (`jax.ShapeDtypeStruct(..., sharding=...)`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Mapping
+
+import jax
+import numpy as np
+
+META_FILE = "turbojax.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def _nest(flat: Mapping[tuple[str, ...], object]) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = value
+    return out
+
+
+def _flatten(tree, prefix=()) -> dict[tuple[str, ...], object]:
+    if isinstance(tree, Mapping):
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, prefix + (str(k),)))
+        return out
+    return {prefix: tree}
+
+
+def plan_parts(leaves: Mapping[tuple[str, ...], tuple[tuple[int, ...], str]], max_part_bytes: int
+               ) -> list[list[tuple[str, ...]]]:
+    """Group leaf paths (in the given order) into parts of at most `max_part_bytes` (a larger leaf stands alone)."""
+    parts, current, size = [], [], 0
+    for path, (shape, dtype) in leaves.items():
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if current and size + nbytes > max_part_bytes:
+            parts.append(current)
+            current, size = [], 0
+        current.append(path)
+        size += nbytes
+    if current:
+        parts.append(current)
+    return parts
+
+
+def write_params(directory: Path, leaves: Mapping[tuple[str, ...], tuple[tuple[int, ...], str]],
+                 produce: Callable[[tuple[str, ...]], np.ndarray], meta: dict, *,
+                 max_part_bytes: int = 1 << 30, progress: Callable[[Iterable], Iterable] = lambda x: x) -> None:
+    """Write `params/part-*` and `turbojax.json` into `directory` (expected empty; callers make it atomic)."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory)
+    parts = plan_parts(leaves, max_part_bytes)
+    index = []
+    with ocp.StandardCheckpointer() as ckpt:
+        for i, part in enumerate(progress(parts)):
+            values = {}
+            for path in part:
+                arr = produce(path)
+                shape, dtype = leaves[path]
+                if tuple(arr.shape) != tuple(shape) or np.dtype(arr.dtype) != np.dtype(dtype):
+                    raise CheckpointError(f"leaf {'.'.join(path)}: produced {arr.shape} {arr.dtype}, "
+                                          f"expected {tuple(shape)} {dtype}")
+                values[path] = arr
+            name = f"part-{i:05d}"
+            ckpt.save(directory / "params" / name, _nest(values))
+            ckpt.wait_until_finished()
+            index.append({"name": name, "leaves": [".".join(p) for p in part]})
+            del values
+    meta = dict(meta, format_version=FORMAT_VERSION, parts=index,
+                leaves={".".join(p): {"shape": list(s), "dtype": str(np.dtype(d))} for p, (s, d) in leaves.items()})
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_meta(directory: Path) -> dict:
+    path = Path(directory) / META_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: not a turbojax model checkpoint (no {META_FILE})")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: corrupt metadata ({e})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: unsupported format_version {meta.get('format_version')}")
+    for part in meta["parts"]:
+        if not (Path(directory) / "params" / part["name"]).is_dir():
+            raise CheckpointError(f"{directory}: missing checkpoint part params/{part['name']}")
+    return meta
+
+
+def iter_parts(directory: Path, meta: dict, targets: Mapping[tuple[str, ...], object] | None = None
+               ) -> Iterator[dict[tuple[str, ...], object]]:
+    """Yield `{leaf path: array}` part by part. `targets` maps paths to `jax.ShapeDtypeStruct`s (dtype cast and
+    sharding applied on restore); without targets, host numpy arrays in the stored dtype are returned."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory)
+    with ocp.StandardCheckpointer() as ckpt:
+        for part in meta["parts"]:
+            paths = [tuple(p.split(".")) for p in part["leaves"]]
+            target = None
+            if targets is not None:
+                target = _nest({p: targets[p] for p in paths})
+            try:
+                restored = ckpt.restore(directory / "params" / part["name"], target)
+            except Exception as e:  # orbax raises many types; name the part that failed
+                raise CheckpointError(f"{directory}/params/{part['name']}: cannot restore ({e})") from e
+            flat = _flatten(restored)
+            missing = [p for p in paths if p not in flat]
+            if missing:
+                raise CheckpointError(f"{directory}/params/{part['name']}: missing leaves "
+                                      f"{['.'.join(p) for p in missing]}")
+            yield {p: flat[p] for p in paths}
+
+
+def host_target(shape, dtype):
+    """A restore target that lands on the first device unsharded (used when no mesh is given)."""
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+
+
+def fsync_tree(directory: Path) -> None:
+    for root, _, files in os.walk(directory):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                os.fsync(fh.fileno())

@@ -1,0 +1,86 @@
+"""Meshes and the one logical-axis resolver.
+
+Parameters carry logical axis names (`axes` metadata: "embed", "heads", "mlp", "layers", ...). A rule table maps
+logical names to mesh axes with Linen's semantics: rules are tried in order, a mesh axis is used at most once per
+array, a mesh axis is only used if it divides the dimension, and unmapped names are replicated.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from turbojax.convert.params import flat_params
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (logical name, mesh axis or tuple of mesh axes); several rows per name are alternatives, first fit wins.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("mod", "tensor"),
+    ("text_embed", "fsdp"),
+    ("embed_out", "tensor"),
+    ("head_dim", None),
+)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError("at most one mesh axis may be -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not divide into mesh sizes {sizes}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                         f"have {len(devices)}")
+    return Mesh(np.array(devices).reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=DEFAULT_RULES
+                    ) -> PartitionSpec:
+    """PartitionSpec for an array with the given logical axes (leading unnamed dims are `layers`)."""
+    axes = ("layers",) * (len(shape) - len(axes)) + tuple(axes)
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(axes, shape):
+        choice = None
+        for rule_name, mesh_axes in rules:
+            if rule_name != name or mesh_axes is None:
+                continue
+            cand = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+            cand = tuple(a for a in cand if mesh.shape[a] > 1)
+            if not cand or used & set(cand):
+                continue
+            if dim % int(np.prod([mesh.shape[a] for a in cand])):
+                continue
+            choice = cand[0] if len(cand) == 1 else cand
+            used |= set(cand)
+            break
+        spec.append(choice)
+    return PartitionSpec(*spec)
+
+
+def param_shardings(model, mesh: Mesh, rules=DEFAULT_RULES) -> dict[tuple[str, ...], NamedSharding]:
+    """Leaf path -> NamedSharding for every parameter of a (possibly abstract) model."""
+    out = {}
+    for path, var in flat_params(model).items():
+        axes = var.get_metadata().get("axes", ())
+        out[path] = NamedSharding(mesh, logical_to_spec(axes, var.shape, mesh, rules))
+    return out
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis over data x fsdp (the axes of size > 1), everything else replicated."""
+    axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+    return NamedSharding(mesh, PartitionSpec(axes or None))
