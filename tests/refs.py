@@ -51,3 +51,40 @@ def run_torch(model, inputs: dict) -> np.ndarray:
 def max_rel_err(out: np.ndarray, ref: np.ndarray) -> float:
     """Max abs error relative to the output scale (max |ref|)."""
     return float(np.abs(np.asarray(out, np.float64) - ref).max() / max(np.abs(ref).max(), 1e-12))
+
+
+# ---- Z-Image -----------------------------------------------------------------------------------------------------
+
+TINY_Z_IMAGE = dict(in_channels=4, dim=64, n_layers=2, n_refiner_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=24,
+                    axes_dims=(8, 12, 12), axes_lens=(256, 64, 64))
+
+
+def tiny_z_image(seed: int = 0, **overrides):
+    """Tiny diffusers ZImageTransformer2DModel; `perturb_` also makes the (zero-initialised) pad tokens non-zero."""
+    from diffusers import ZImageTransformer2DModel
+    torch.manual_seed(seed)
+    return perturb_(ZImageTransformer2DModel(**{**TINY_Z_IMAGE, **overrides}), seed)
+
+
+def z_image_inputs(rng: np.random.Generator, *, grids=((3, 5), (4, 4)), cap_lens=(5, 37), in_channels=4,
+                   cap_dim=24, frames=1):
+    """Per-sample latents [C, F, 2*gh, 2*gw] (patch grids gh x gw), captions [L_i, cap_dim], t = 1 - sigma."""
+    x = [rng.standard_normal((in_channels, frames, 2 * gh, 2 * gw)).astype(np.float32) for gh, gw in grids]
+    caps = [rng.standard_normal((n, cap_dim)).astype(np.float32) for n in cap_lens]
+    t = rng.uniform(0.05, 0.95, size=(len(grids),)).astype(np.float32)
+    return dict(x=x, t=t, cap_feats=caps)
+
+
+def run_torch_z_image(model, inputs: dict) -> list[np.ndarray]:
+    with torch.no_grad():
+        out = model([torch.tensor(a) for a in inputs["x"]], torch.tensor(inputs["t"]),
+                    [torch.tensor(c) for c in inputs["cap_feats"]]).sample
+    return [o.float().numpy() for o in out]
+
+
+def max_rel_err_list(outs, refs) -> float:
+    """`max_rel_err` over per-sample outputs (shapes must match sample by sample)."""
+    assert len(outs) == len(refs)
+    for o, r in zip(outs, refs):
+        assert tuple(np.shape(o)) == tuple(r.shape), (np.shape(o), r.shape)
+    return max(max_rel_err(np.asarray(o, np.float32), r) for o, r in zip(outs, refs))

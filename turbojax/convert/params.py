@@ -1,7 +1,8 @@
 """Filling a model's parameters from torch-layout tensors (and back), leaf by leaf, with strict key checks."""
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import dataclasses
+from typing import Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,50 @@ def strip_original_prefix(keys) -> dict[str, str]:
         if keys and all(k.startswith(prefix) for k in keys):
             return {k[len(prefix):]: k for k in keys}
     return {k: k for k in keys}
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where a diffusers tensor lives in a file: stored key, and which of `parts` equal row blocks (dim 0)."""
+    key: str
+    part: int = 0
+    parts: int = 1
+
+
+def default_source_names(keys: Iterable[str]) -> dict[str, Source]:
+    """Stored keys are diffusers names, possibly all under one 'original' checkpoint prefix."""
+    return {name: Source(stored) for name, stored in strip_original_prefix(keys).items()}
+
+
+def is_verbatim(sources: Mapping[str, Source]) -> bool:
+    """True when every tensor is stored whole under `prefix + name` with one shared prefix (so a converted
+    checkpoint can be written back byte for byte)."""
+    prefixes = {s.key[: len(s.key) - len(n)] for n, s in sources.items() if s.parts == 1 and s.key.endswith(n)}
+    return len(prefixes) <= 1 and all(s.parts == 1 and s.key.endswith(n) for n, s in sources.items())
+
+
+def source_reader(sources: Mapping[str, Source], get: Callable[[str], np.ndarray],
+                  shape: Callable[[str], tuple]) -> tuple[Callable[[str], np.ndarray], dict[str, tuple]]:
+    """(`get(diffusers name)`, `{diffusers name: shape}`) over a file's own `get(stored key)` / `shape(stored key)`,
+    splitting fused tensors on the fly; the pair plugs straight into `load_into`."""
+    available = {}
+    for name, s in sources.items():
+        shp = tuple(shape(s.key))
+        if s.parts > 1:
+            if not shp or shp[0] % s.parts:
+                raise ConversionError(f"{s.key}: shape {shp} cannot be split into {s.parts} equal row blocks")
+            shp = (shp[0] // s.parts,) + shp[1:]
+        available[name] = shp
+
+    def read(name: str) -> np.ndarray:
+        s = sources[name]
+        t = get(s.key)
+        if s.parts == 1:
+            return t
+        n = t.shape[0] // s.parts
+        return np.ascontiguousarray(t[s.part * n:(s.part + 1) * n])
+
+    return read, available
 
 
 def check_keys(leaves: list[Leaf], params: Mapping, available: Mapping[str, tuple], source: str):

@@ -42,34 +42,36 @@ def abstract_model(fam, cfg, *, param_dtype=jnp.float32, dtype=None, scan_layers
 
 
 def from_diffusers(folder, *, dtype=jnp.float32, param_dtype=None, scan_layers: bool = True, remat: str = "none",
-                   attention_impl: str = "xla", loras: LoraSpec = (), shardings=None, progress: bool = True):
+                   attention_impl: str = "xla", loras: LoraSpec = (), mesh=None, shardings=None,
+                   progress: bool = True):
     """Load a diffusers component folder (`config.json` + safetensors, single or sharded) or a turbojax export.
 
     The family comes from `_class_name`. `dtype` is the compute dtype and, unless `param_dtype` is given, the
     storage dtype. `loras` is a list of `(file, scale)` (or bare files, scale 1) merged into the weights at load.
     """
     from turbojax.checkpoint import META_FILE
-    from turbojax.convert.params import load_into, strip_original_prefix
+    from turbojax.convert.params import load_into, source_reader
     from turbojax.convert.safetensors_io import open_safetensors
 
     folder = Path(folder)
     if (folder / META_FILE).is_file():
         model = from_orbax(folder, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                           attention_impl=attention_impl, scan_layers=scan_layers, shardings=shardings,
-                           progress=progress)
+                           attention_impl=attention_impl, scan_layers=scan_layers, mesh=mesh,
+                           shardings=shardings, progress=progress)
     else:
         fam, cfg, _ = read_component_config(folder)
         model = abstract_model(fam, cfg, param_dtype=param_dtype or dtype, dtype=dtype, scan_layers=scan_layers,
                                remat=remat, attention_impl=attention_impl)
+        shardings = _resolve_shardings(model, mesh, shardings)
         reader = open_safetensors(folder)
-        names = strip_original_prefix(reader.keys())
-        model = load_into(model, fam, lambda k: reader.get(names[k]), {k: reader.shape(v) for k, v in names.items()},
-                          str(folder), shardings=shardings, progress=progress)
+        get, available = source_reader(fam.source_names(reader.keys()), reader.get, reader.shape)
+        model = load_into(model, fam, get, available, str(folder), shardings=shardings, progress=progress)
     return apply_loras(model, loras)
 
 
 def from_orbax(directory, *, dtype=jnp.float32, param_dtype=None, scan_layers: bool | None = None,
-               remat: str = "none", attention_impl: str = "xla", shardings=None, progress: bool = True):
+               remat: str = "none", attention_impl: str = "xla", mesh=None, shardings=None,
+               progress: bool = True):
     """Load a model exported by `python -m turbojax.convert to-jax` (restored part by part into `shardings`)."""
     from turbojax.checkpoint import host_target, iter_parts, read_meta
     from turbojax.convert.params import flat_params
@@ -85,6 +87,7 @@ def from_orbax(directory, *, dtype=jnp.float32, param_dtype=None, scan_layers: b
                           f"{'--no-scan' if not scan_layers else 'scan on'} to load it with scan_layers={scan_layers}")
     model = abstract_model(fam, cfg, param_dtype=param_dtype or dtype, dtype=dtype, scan_layers=stored_scan,
                            remat=remat, attention_impl=attention_impl)
+    shardings = _resolve_shardings(model, mesh, shardings)
     graphdef, state = nnx.split(model)
     params = flat_params(state)
     stored = {tuple(k.split(".")) for k in meta["leaves"]}
@@ -106,6 +109,13 @@ def from_orbax(directory, *, dtype=jnp.float32, param_dtype=None, scan_layers: b
         values.update(part)
     flat = [(p, v.replace(values[tuple(str(x) for x in p)])) for p, v in nnx.to_flat_state(state)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _resolve_shardings(model, mesh, shardings):
+    if shardings is None and mesh is not None:
+        from turbojax.sharding import param_shardings
+        return param_shardings(model, mesh)
+    return shardings
 
 
 def apply_loras(model, loras: LoraSpec):

@@ -7,8 +7,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from turbojax.convert.keytable import KeyTable
+from turbojax.convert.params import default_source_names
 from turbojax.models.qwen_image import QWEN_IMAGE_20B, QWEN_IMAGE_TINY, QwenImageConfig, QwenImageTransformer
 from turbojax.models.qwen_image_keys import QWEN_IMAGE_KEYS
+from turbojax.models.z_image import Z_IMAGE_TINY, Z_IMAGE_TURBO, ZImageConfig, ZImageTransformer
+from turbojax.models.z_image_keys import Z_IMAGE_KEYS, original_to_diffusers
+from turbojax.models.z_image_keys import stack_sizes as z_image_stack_sizes
 
 
 class ConfigError(ValueError):
@@ -25,6 +29,8 @@ class Family:
     stack_sizes: Callable[[Any], dict[str, int]]
     ignored_config_keys: frozenset = frozenset()
     presets: dict = dataclasses.field(default_factory=dict)
+    # stored checkpoint keys -> {diffusers name: Source}: renames / splits of "original" (non-diffusers) layouts
+    source_names: Callable = default_source_names
 
 
 _DIFFUSERS_BOOKKEEPING = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"})
@@ -40,6 +46,16 @@ FAMILIES: dict[str, Family] = {
         # written by diffusers 0.34 into the original Qwen-Image config; no longer a constructor argument
         ignored_config_keys=frozenset({"pooled_projection_dim"}),
         presets={"qwen_image": QWEN_IMAGE_20B, "qwen_image_tiny": QWEN_IMAGE_TINY},
+    ),
+    "z_image": Family(
+        name="z_image",
+        class_names=("ZImageTransformer2DModel",),
+        config_cls=ZImageConfig,
+        model_cls=ZImageTransformer,
+        keys=Z_IMAGE_KEYS,
+        stack_sizes=z_image_stack_sizes,
+        presets={"z_image_turbo": Z_IMAGE_TURBO, "z_image_tiny": Z_IMAGE_TINY},
+        source_names=original_to_diffusers,
     ),
 }
 
@@ -94,7 +110,7 @@ def read_component_config(folder: Path) -> tuple[Family, Any, str]:
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (expected a diffusers component folder such as "
                                 "<pipeline>/transformer)")
-    text = path.read_text()
+    text = path.read_bytes().decode("utf-8")  # exact text (no newline translation) for round trips
     try:
         raw = json.loads(text)
     except json.JSONDecodeError as e:

@@ -31,10 +31,12 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        # Accumulate in fp32 and round once, after the bias, like torch's bf16 addmm. Asking for an fp32 result also
+        # selects XLA:CPU's fast bf16 x bf16 -> fp32 GEMM (~6x the bf16 -> bf16 one); fp32 compute is unchanged.
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
 
 
 class RMSNorm(nnx.Module):

@@ -28,3 +28,14 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     re, im = x32[..., 0], x32[..., 1]
     out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
     return out.reshape(x.shape).astype(x.dtype)
+
+
+def rope_angles_f64(positions: np.ndarray, axes_dims, theta: float) -> np.ndarray:
+    """Like `rope_angles`, but frequencies and products are taken in float64 and only the angles are rounded to
+    float32 (Z-Image's `RopeEmbedder.precompute_freqs_cis`). At axis-0 positions near 1500 the float32 product of
+    `rope_angles` is off by up to ~1e-4 rad, which would show up in parity checks."""
+    parts = []
+    for a, d in enumerate(axes_dims):
+        inv = 1.0 / (np.float64(theta) ** (np.arange(0, d, 2, dtype=np.float64) / np.float64(d)))
+        parts.append(np.outer(positions[:, a].astype(np.float64), inv))
+    return np.concatenate(parts, axis=-1).astype(np.float32)

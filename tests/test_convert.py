@@ -1,0 +1,154 @@
+"""Checkpoint conversion: diffusers folder <-> turbojax Orbax export (byte-exact round trips, strict errors)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from refs import max_rel_err, qwen_inputs, run_torch, tiny_qwen
+from turbojax import models
+from turbojax.convert.__main__ import main as cli
+from turbojax.convert.folders import to_jax, to_torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def files_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("variant", ["single", "sharded", "bf16", "noscan"])
+def test_round_trip_is_byte_exact(tmp_path, variant):
+    tm = tiny_qwen(seed=20)
+    if variant == "bf16":
+        tm = tm.to(torch.bfloat16)
+    kw = {"max_shard_size": "20KB"} if variant == "sharded" else {}
+    tm.save_pretrained(tmp_path / "src", **kw)
+    src_files = files_bytes(tmp_path / "src")
+    if variant == "sharded":
+        assert sum(n.endswith(".safetensors") for n in src_files) > 2
+    to_jax(tmp_path / "src", tmp_path / "jax", scan_layers=variant != "noscan", progress=False,
+           max_part_bytes=30_000)
+    to_torch(tmp_path / "jax", tmp_path / "back", progress=False)
+    assert files_bytes(tmp_path / "back") == src_files
+
+
+def test_export_loads_to_same_outputs_and_diffusers_loads_default_layout(tmp_path):
+    from diffusers import QwenImageTransformer2DModel
+    tm = tiny_qwen(seed=21)
+    tm.save_pretrained(tmp_path / "src")
+    inputs = qwen_inputs(np.random.default_rng(0))
+    ref = run_torch(tm, inputs)
+    assert cli(["to-jax", str(tmp_path / "src"), str(tmp_path / "jax"), "--no-progress"]) == 0
+    from_export = models.from_diffusers(tmp_path / "jax", progress=False)
+    assert max_rel_err(np.asarray(from_export(**inputs)), ref) < 1e-4
+    # a re-typed export has no source layout to reproduce: it is written in diffusers' standard layout
+    assert cli(["to-torch", str(tmp_path / "jax"), str(tmp_path / "f32"), "--dtype", "float32",
+                "--no-progress"]) == 0
+    again = QwenImageTransformer2DModel.from_pretrained(tmp_path / "f32").eval()
+    assert max_rel_err(run_torch(again, inputs), ref) < 1e-6
+
+
+def test_original_prefixed_checkpoint(tmp_path):
+    tm = tiny_qwen(seed=22)
+    tm.save_pretrained(tmp_path / "src")
+    sd = load_file(tmp_path / "src" / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "orig").mkdir()
+    save_file({f"model.diffusion_model.{k}": v for k, v in sd.items()},
+              tmp_path / "orig" / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "orig" / "config.json").write_text((tmp_path / "src" / "config.json").read_text())
+    inputs = qwen_inputs(np.random.default_rng(1))
+    out = models.from_diffusers(tmp_path / "orig", progress=False)(**inputs)
+    assert max_rel_err(np.asarray(out), run_torch(tm, inputs)) < 1e-4
+    to_jax(tmp_path / "orig", tmp_path / "jax", progress=False)
+    to_torch(tmp_path / "jax", tmp_path / "back", progress=False)
+    assert files_bytes(tmp_path / "back") == files_bytes(tmp_path / "orig")
+
+
+def test_cli_module_entry_point(tmp_path):
+    tiny_qwen(seed=23).save_pretrained(tmp_path / "src")
+    r = subprocess.run([sys.executable, "-m", "turbojax.convert", "to-jax", str(tmp_path / "src"),
+                        str(tmp_path / "jax")], capture_output=True, text=True, cwd=REPO,
+                       env={"PATH": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "jax" / "turbojax.json").is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: each gives an error naming the problem, and DST is never left behind
+# ---------------------------------------------------------------------------------------------------------------
+
+def _src(tmp_path) -> Path:
+    tiny_qwen(seed=24).save_pretrained(tmp_path / "src")
+    return tmp_path / "src"
+
+
+def _rewrite(src: Path, edit):
+    f = src / "diffusion_pytorch_model.safetensors"
+    sd = load_file(f)
+    edit(sd)
+    save_file(sd, f, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing", "missing keys: transformer_blocks.1.attn.to_q.weight"),
+    ("unexpected", "unexpected keys: transformer_blocks.1.attn.extra.weight"),
+    ("misshaped", r"mis-shaped keys: img_in.weight: file \(32, 15\) vs model \(32, 16\)"),
+    ("class_name", "unknown _class_name 'FluxTransformer2DModel'"),
+    ("config_key", r"config keys \['mystery_option'\]"),
+    ("truncated", "diffusion_pytorch_model.safetensors"),
+    ("corrupt_header", "diffusion_pytorch_model.safetensors"),
+    ("no_config", "no config.json"),
+])
+def test_bad_sources_raise_and_leave_nothing(tmp_path, case, match):
+    src = _src(tmp_path)
+    f = src / "diffusion_pytorch_model.safetensors"
+    if case == "missing":
+        _rewrite(src, lambda sd: sd.pop("transformer_blocks.1.attn.to_q.weight"))
+    elif case == "unexpected":
+        _rewrite(src, lambda sd: sd.__setitem__("transformer_blocks.1.attn.extra.weight", torch.zeros(2)))
+    elif case == "misshaped":
+        _rewrite(src, lambda sd: sd.__setitem__("img_in.weight", torch.zeros(32, 15)))
+    elif case in ("class_name", "config_key"):
+        cfg = json.loads((src / "config.json").read_text())
+        if case == "class_name":
+            cfg["_class_name"] = "FluxTransformer2DModel"
+        else:
+            cfg["mystery_option"] = 3
+        (src / "config.json").write_text(json.dumps(cfg))
+    elif case == "truncated":
+        f.write_bytes(f.read_bytes()[:-100])
+    elif case == "corrupt_header":
+        data = bytearray(f.read_bytes())
+        data[10:20] = b"\xff" * 10
+        f.write_bytes(bytes(data))
+    elif case == "no_config":
+        (src / "config.json").unlink()
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        to_jax(src, tmp_path / "jax", progress=False)
+    assert not (tmp_path / "jax").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["src"], "no temporary folder may be left behind"
+    assert cli(["to-jax", str(src), str(tmp_path / "jax"), "--no-progress"]) == 2
+
+
+def test_existing_destination_and_corrupt_export(tmp_path):
+    src = _src(tmp_path)
+    (tmp_path / "jax").mkdir()
+    (tmp_path / "jax" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="jax"):
+        to_jax(src, tmp_path / "jax", progress=False)
+    assert (tmp_path / "jax" / "keep.txt").read_text() == "mine"
+    to_jax(src, tmp_path / "jax", overwrite=True, progress=False)
+    # a damaged export: a missing part is named, and to-torch leaves no DST
+    part = next((tmp_path / "jax" / "params").iterdir())
+    import shutil
+    shutil.rmtree(part)
+    with pytest.raises(ValueError, match=part.name):
+        to_torch(tmp_path / "jax", tmp_path / "back", progress=False)
+    assert not (tmp_path / "back").exists()
+    with pytest.raises(ValueError, match="not a turbojax model checkpoint"):
+        to_torch(src, tmp_path / "back", progress=False)
