@@ -88,3 +88,42 @@ def max_rel_err_list(outs, refs) -> float:
     for o, r in zip(outs, refs):
         assert tuple(np.shape(o)) == tuple(r.shape), (np.shape(o), r.shape)
     return max(max_rel_err(np.asarray(o, np.float32), r) for o, r in zip(outs, refs))
+
+
+# ---- pipelines and torch -> JAX models (sampler parity) ------------------------------------------------------------
+
+def to_jax_model(tm: torch.nn.Module, family: str, **model_kw):
+    """Our model with the torch model's weights (fp32), through the same loader as `from_diffusers`."""
+    from flax import nnx
+
+    from turbojax.convert.params import load_into
+    from turbojax.models.registry import config_from_dict, get_family
+    fam = get_family(family)
+    sd = state_dict_np(tm)
+    cfg = config_from_dict(fam, dict(tm.config), "torch model")
+    abstract = nnx.eval_shape(lambda: fam.model_cls(cfg, rngs=nnx.Rngs(0), **model_kw))
+    return load_into(abstract, fam, sd.__getitem__, {k: v.shape for k, v in sd.items()}, "torch model",
+                     progress=False)
+
+
+def tiny_qwen_pipeline(transformer, scheduler_config: dict):
+    """`QwenImagePipeline` without text encoder; the tiny VAE only sets the 8x latent scale (never run)."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+    vae = AutoencoderKLQwenImage(base_dim=4, z_dim=transformer.config.in_channels // 4, dim_mult=[1, 1, 1, 1],
+                                 num_res_blocks=1)
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler_config), vae=vae,
+                             text_encoder=None, tokenizer=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_z_image_pipeline(transformer, scheduler_config: dict):
+    """`ZImagePipeline` without text encoder; the tiny VAE (4 blocks -> 8x) only sets the latent scale."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(4, 4, 4, 4), layers_per_block=1, norm_num_groups=2,
+                        latent_channels=transformer.config.in_channels)
+    pipe = ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_config(scheduler_config), vae=vae,
+                          text_encoder=None, tokenizer=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
