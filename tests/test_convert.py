@@ -152,3 +152,31 @@ def test_existing_destination_and_corrupt_export(tmp_path):
     assert not (tmp_path / "back").exists()
     with pytest.raises(ValueError, match="not a turbojax model checkpoint"):
         to_torch(src, tmp_path / "back", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Z-Image: the same machinery, plus the original (fused-qkv, prefixed) checkpoint names
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_z_image_round_trip_and_original_names(tmp_path):
+    from diffusers import ZImageTransformer2DModel
+    from safetensors.numpy import save_file as save_np
+
+    from refs import max_rel_err_list, run_torch_z_image, state_dict_np, tiny_z_image, z_image_inputs
+    from test_z_image_parity import to_original_names
+    tm = tiny_z_image(seed=30)
+    tm.save_pretrained(tmp_path / "src", max_shard_size="40KB")
+    assert cli(["to-jax", str(tmp_path / "src"), str(tmp_path / "jax"), "--no-progress"]) == 0
+    assert cli(["to-torch", str(tmp_path / "jax"), str(tmp_path / "back"), "--no-progress"]) == 0
+    assert files_bytes(tmp_path / "back") == files_bytes(tmp_path / "src")
+
+    # original names convert to a standard diffusers folder that diffusers loads to the same outputs
+    (tmp_path / "orig").mkdir()
+    save_np(to_original_names(state_dict_np(tm)), tmp_path / "orig" / "z_image.safetensors")
+    (tmp_path / "orig" / "config.json").write_text((tmp_path / "src" / "config.json").read_text())
+    to_jax(tmp_path / "orig", tmp_path / "jax2", progress=False)
+    to_torch(tmp_path / "jax2", tmp_path / "diffusers", progress=False)
+    assert (tmp_path / "diffusers" / "diffusion_pytorch_model.safetensors").is_file()
+    again = ZImageTransformer2DModel.from_pretrained(tmp_path / "diffusers").eval()
+    inputs = z_image_inputs(np.random.default_rng(3))
+    assert max_rel_err_list(run_torch_z_image(again, inputs), run_torch_z_image(tm, inputs)) < 1e-6
