@@ -4,9 +4,19 @@ A table is a list of `Module(jax, torch, kind)` rows. `jax` is the dotted path o
 `torch` the dotted module name in the diffusers state dict; rows whose paths contain `{i}` live in a stack of
 blocks (`stack` names the stack's attribute, e.g. "transformer_blocks"). The kind says how each parameter maps:
 
-  linear: torch `weight [out, in]` <-> `kernel [in, out]` (transposed), `bias` <-> `bias` (optional)
-  norm:   torch `weight` <-> `scale`
-  param:  torch tensor <-> a bare nnx.Param (same layout)
+  linear:    torch `weight [out, in]` <-> `kernel [in, out]` (transposed), `bias` <-> `bias` (optional)
+  norm:      torch `weight` <-> `scale`
+  param:     torch tensor <-> a bare nnx.Param (same layout)
+  conv2d:    torch `weight [out, in, kh, kw]` <-> `kernel [kh, kw, in, out]` (NHWC/HWIO), `bias` (optional)
+  conv3d:    torch `weight [out, in, kt, kh, kw]` <-> `kernel [kt, kh, kw, in, out]`, `bias` (optional)
+  groupnorm: torch `weight`, `bias` <-> `scale`, `bias` (any affine norm with a bias: GroupNorm, LayerNorm)
+
+A row marked `optional` is skipped when the model lacks its first parameter (e.g. a shortcut conv that exists only
+when channels change); strictness is kept because every model parameter must be covered by some row and every
+checkpoint tensor must be named by one (`params.check_keys`).
+
+Tables whose rows depend on a config (VAEs: the number of levels and blocks) are `BuiltKeyTable`s: the family's
+`stack_sizes(config)` returns the structural sizes and `build(sizes)` returns the plain table.
 
 With scanned blocks a JAX leaf holds all layers stacked on axis 0; `expand()` turns the table into leaf-level
 `Leaf` rows, each knowing its torch keys and how to move a tensor across, so conversion can stream leaf by leaf.
@@ -23,14 +33,19 @@ import numpy as np
 class Module:
     jax: str
     torch: str
-    kind: str  # "linear" | "norm" | "param"
+    kind: str  # a key of _KIND_PARAMS
+    optional: bool = False
 
 
-# per kind: (torch param suffix, jax leaf name, transpose?)
+# per kind: (torch param suffix, jax leaf name, layout), layout: False (same), True (2-D transpose) or the axis
+# permutation taking the torch tensor to the JAX one.
 _KIND_PARAMS = {
     "linear": (("weight", "kernel", True), ("bias", "bias", False)),
     "norm": (("weight", "scale", False),),
     "param": (("", "", False),),
+    "conv2d": (("weight", "kernel", (2, 3, 1, 0)), ("bias", "bias", False)),
+    "conv3d": (("weight", "kernel", (2, 3, 4, 1, 0)), ("bias", "bias", False)),
+    "groupnorm": (("weight", "scale", False), ("bias", "bias", False)),
 }
 
 
@@ -41,17 +56,33 @@ class Leaf:
     torch_keys: tuple[str, ...]
     transpose: bool
     stacked: bool
+    perm: tuple[int, ...] | None = None  # torch -> JAX axis permutation (conv kernels); None: see `transpose`
+
+    def _inverse(self) -> tuple[int, ...]:
+        return tuple(int(i) for i in np.argsort(self.perm))
+
+    def _in(self, t: np.ndarray) -> np.ndarray:
+        if self.perm is not None:
+            return np.transpose(t, self.perm)
+        return t.T if self.transpose else t
+
+    def _out(self, p: np.ndarray) -> np.ndarray:
+        if self.perm is not None:
+            return np.transpose(p, self._inverse())
+        return p.T if self.transpose else p
 
     def to_jax(self, tensors: list[np.ndarray]) -> np.ndarray:
-        arrs = [t.T if self.transpose else t for t in tensors]
+        arrs = [self._in(t) for t in tensors]
         return np.stack(arrs) if self.stacked else arrs[0]
 
     def to_torch(self, leaf: np.ndarray) -> list[np.ndarray]:
         parts = list(leaf) if self.stacked else [leaf]
-        return [np.ascontiguousarray(p.T if self.transpose else p) for p in parts]
+        return [np.ascontiguousarray(self._out(p)) for p in parts]
 
     def torch_shape(self, jax_shape: tuple[int, ...]) -> tuple[int, ...]:
         s = jax_shape[1:] if self.stacked else jax_shape
+        if self.perm is not None:
+            return tuple(s[i] for i in self._inverse())
         return tuple(reversed(s)) if self.transpose else tuple(s)
 
 
@@ -89,11 +120,26 @@ class KeyTable:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class BuiltKeyTable:
+    """A key table built from a model's structural sizes (`Family.stack_sizes(config)`), for models whose module
+    list depends on the config (how many levels / blocks) rather than on a stack of identical layers."""
+    build: Callable[[dict], KeyTable]
+
+    def expand(self, num_layers: dict, scanned: bool, present: Callable[[tuple[str, ...]], bool]) -> list[Leaf]:
+        return self.build(num_layers).expand({}, scanned, present)
+
+    def linear_index(self, num_layers: dict, scanned: bool) -> dict[str, tuple[str, int | None]]:
+        return self.build(num_layers).linear_index({}, scanned)
+
+
 def _module_leaves(m: Module, prefix, layers, present, stacked=True) -> list[Leaf]:
     rows = []
-    for t_suffix, j_leaf, transpose in _KIND_PARAMS[m.kind]:
+    for n, (t_suffix, j_leaf, layout) in enumerate(_KIND_PARAMS[m.kind]):
         jpath = prefix + tuple(m.jax.split(".")) + ((j_leaf,) if j_leaf else ())
         if not present(jpath):
+            if m.optional and n == 0:
+                return []
             if t_suffix == "bias":
                 continue
             raise KeyError(f"key table names {'.'.join(jpath)} but the model has no such parameter")
@@ -102,7 +148,8 @@ def _module_leaves(m: Module, prefix, layers, present, stacked=True) -> list[Lea
             keys = (tname,)
         else:
             keys = tuple(tname.format(i=i) for i in layers)
-        rows.append(Leaf(jpath, keys, transpose, stacked and layers is not None))
+        perm = layout if isinstance(layout, tuple) else None
+        rows.append(Leaf(jpath, keys, layout is True, stacked and layers is not None, perm))
     return rows
 
 

@@ -10,9 +10,16 @@ from turbojax.convert.keytable import KeyTable
 from turbojax.convert.params import default_source_names
 from turbojax.models.qwen_image import QWEN_IMAGE_20B, QWEN_IMAGE_TINY, QwenImageConfig, QwenImageTransformer
 from turbojax.models.qwen_image_keys import QWEN_IMAGE_KEYS
+from turbojax.models.qwen_llm import (QWEN2_5_VL_7B, QWEN2_5_VL_TINY, QWEN3_4B, QWEN3_TINY, LLMConfigError,
+                                      Qwen2_5_VLTextConfig, Qwen3TextConfig, QwenLLM, config_from_transformers)
+from turbojax.models.qwen_llm_keys import (QWEN2_5_VL_KEYS, QWEN3_KEYS, qwen2_5_vl_source_names,
+                                           qwen3_source_names)
+from turbojax.models.qwen_llm_keys import stack_sizes as qwen_llm_stack_sizes
 from turbojax.models.z_image import Z_IMAGE_TINY, Z_IMAGE_TURBO, ZImageConfig, ZImageTransformer
 from turbojax.models.z_image_keys import Z_IMAGE_KEYS, original_to_diffusers
 from turbojax.models.z_image_keys import stack_sizes as z_image_stack_sizes
+from turbojax.models import vae_flux, vae_qwen_image
+from turbojax.models.vae_keys import AUTOENCODER_KL_KEYS, QWEN_IMAGE_VAE_KEYS
 
 
 class ConfigError(ValueError):
@@ -31,6 +38,18 @@ class Family:
     presets: dict = dataclasses.field(default_factory=dict)
     # stored checkpoint keys -> {diffusers name: Source}: renames / splits of "original" (non-diffusers) layouts
     source_names: Callable = default_source_names
+    # (raw config dict, source) -> config, for configs in another library's format (transformers' config.json has
+    # no `_class_name`); None: the dict holds the config dataclass's own field names (diffusers, our exports)
+    parse_config: Callable | None = None
+
+
+def _transformers_config(kind: str) -> Callable:
+    def parse(raw: dict, source: str):
+        try:
+            return config_from_transformers(raw, source, kind)
+        except LLMConfigError as e:
+            raise ConfigError(str(e)) from None
+    return parse
 
 
 _DIFFUSERS_BOOKKEEPING = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"})
@@ -56,6 +75,49 @@ FAMILIES: dict[str, Family] = {
         stack_sizes=z_image_stack_sizes,
         presets={"z_image_turbo": Z_IMAGE_TURBO, "z_image_tiny": Z_IMAGE_TINY},
         source_names=original_to_diffusers,
+    ),
+    # text encoders (transformers checkpoints: the family comes from `architectures[0]`)
+    "qwen2_5_vl_text": Family(
+        name="qwen2_5_vl_text",
+        class_names=("Qwen2_5_VLForConditionalGeneration",),
+        config_cls=Qwen2_5_VLTextConfig,
+        model_cls=QwenLLM,
+        keys=QWEN2_5_VL_KEYS,
+        stack_sizes=qwen_llm_stack_sizes,
+        presets={"qwen2_5_vl_7b_text": QWEN2_5_VL_7B, "qwen2_5_vl_text_tiny": QWEN2_5_VL_TINY},
+        source_names=qwen2_5_vl_source_names,
+        parse_config=_transformers_config("qwen2_5_vl"),
+    ),
+    "qwen3_text": Family(
+        name="qwen3_text",
+        class_names=("Qwen3Model", "Qwen3ForCausalLM"),
+        config_cls=Qwen3TextConfig,
+        model_cls=QwenLLM,
+        keys=QWEN3_KEYS,
+        stack_sizes=qwen_llm_stack_sizes,
+        presets={"qwen3_4b_text": QWEN3_4B, "qwen3_text_tiny": QWEN3_TINY},
+        source_names=qwen3_source_names,
+        parse_config=_transformers_config("qwen3"),
+    ),
+    # VAEs: key tables are built from the config's structure (levels, blocks per level)
+    "qwen_image_vae": Family(
+        name="qwen_image_vae",
+        class_names=("AutoencoderKLQwenImage",),
+        config_cls=vae_qwen_image.QwenImageVAEConfig,
+        model_cls=vae_qwen_image.AutoencoderKLQwenImage,
+        keys=QWEN_IMAGE_VAE_KEYS,
+        stack_sizes=vae_qwen_image.structure,
+        presets={"qwen_image_vae": vae_qwen_image.QWEN_IMAGE_VAE,
+                 "qwen_image_vae_tiny": vae_qwen_image.QWEN_IMAGE_VAE_TINY},
+    ),
+    "autoencoder_kl": Family(
+        name="autoencoder_kl",
+        class_names=("AutoencoderKL",),
+        config_cls=vae_flux.AutoencoderKLConfig,
+        model_cls=vae_flux.AutoencoderKL,
+        keys=AUTOENCODER_KL_KEYS,
+        stack_sizes=vae_flux.structure,
+        presets={"flux_vae": vae_flux.FLUX_VAE, "flux_vae_tiny": vae_flux.FLUX_VAE_TINY},
     ),
 }
 
@@ -85,6 +147,8 @@ def get_preset(name: str):
 
 def config_from_dict(fam: Family, raw: dict, source: str):
     """Build a family config from a diffusers config dict. Unknown keys raise (they may change the architecture)."""
+    if fam.parse_config is not None and "_class_name" not in raw:
+        return fam.parse_config(raw, source)
     fields = {f.name for f in dataclasses.fields(fam.config_cls)}
     unknown = sorted(set(raw) - fields - _DIFFUSERS_BOOKKEEPING - fam.ignored_config_keys)
     if unknown:
@@ -117,5 +181,8 @@ def read_component_config(folder: Path) -> tuple[Family, Any, str]:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    fam = family_for_class(raw.get("_class_name"), str(path))
+    # diffusers writes `_class_name`; transformers (text encoders) writes `architectures: [class name]`
+    archs = raw.get("architectures")
+    class_name = raw.get("_class_name") or (archs[0] if isinstance(archs, list) and archs else None)
+    fam = family_for_class(class_name, str(path))
     return fam, config_from_dict(fam, raw, str(path)), text
