@@ -180,3 +180,20 @@ def test_z_image_round_trip_and_original_names(tmp_path):
     again = ZImageTransformer2DModel.from_pretrained(tmp_path / "diffusers").eval()
     inputs = z_image_inputs(np.random.default_rng(3))
     assert max_rel_err_list(run_torch_z_image(again, inputs), run_torch_z_image(tm, inputs)) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen3_causal_lm"])
+def test_text_encoder_round_trip_keeps_unused_tensors(tmp_path, kind):
+    """A text encoder folder (vision tower and lm_head unused by turbojax) round-trips byte-exactly and the
+    export loads to the same hidden states."""
+    from test_text_encoders import tiny_qwen3, tiny_vl
+    tm = tiny_vl(3) if kind == "qwen2_5_vl" else tiny_qwen3(3, causal_lm=True)
+    tm.save_pretrained(tmp_path / "src", max_shard_size="30KB")
+    to_jax(tmp_path / "src", tmp_path / "jax", progress=False)
+    assert (tmp_path / "jax" / "extra.safetensors").is_file()
+    to_torch(tmp_path / "jax", tmp_path / "back", progress=False)
+    assert files_bytes(tmp_path / "back") == files_bytes(tmp_path / "src")
+    ids = np.array([[5, 9, 2, 7]], np.int32)
+    a = models.from_diffusers(tmp_path / "src", progress=False)(ids, output_hidden_states=True)
+    b = models.from_diffusers(tmp_path / "jax", progress=False)(ids, output_hidden_states=True)
+    np.testing.assert_array_equal(np.asarray(a.last_hidden_state), np.asarray(b.last_hidden_state))

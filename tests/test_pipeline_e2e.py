@@ -205,3 +205,20 @@ def test_sample_py_bad_input(qwen, zimage, tmp_path):
                         str(tmp_path / "o.png")], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode != 0 and "missing pipeline components ['vae']" in r.stderr
     assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.slow
+def test_pipeline_export_round_trip(zimage, tmp_path):
+    """A whole pipeline folder -> turbojax export (loads to the same images) -> diffusers folder (byte-exact)."""
+    from turbojax import pipelines
+    from turbojax.convert.__main__ import main as cli
+    _, folder = zimage
+    assert cli(["to-jax", str(folder), str(tmp_path / "jax"), "--no-progress"]) == 0
+    assert cli(["to-torch", str(tmp_path / "jax"), str(tmp_path / "back"), "--no-progress"]) == 0
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            assert (tmp_path / "back" / f.relative_to(folder)).read_bytes() == f.read_bytes(), f
+    a = pipelines.from_diffusers(folder, progress=False)
+    b = pipelines.from_diffusers(tmp_path / "jax", progress=False)
+    kw = dict(guidance=0.0, steps=2, width=32, height=32, seed=4)
+    np.testing.assert_array_equal(a(PROMPTS[:1], **kw), b(PROMPTS[:1], **kw))

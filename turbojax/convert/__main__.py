@@ -3,6 +3,9 @@
     python -m turbojax.convert to-jax   SRC DST   # diffusers component folder -> turbojax Orbax export
     python -m turbojax.convert to-torch SRC DST   # turbojax Orbax export -> diffusers component folder
 
+SRC may also be a whole pipeline folder (model_index.json): its transformer, text encoder and VAE are converted and
+the tokenizer, scheduler and model_index.json copied, so `turbojax.pipelines.from_diffusers(DST)` loads the result.
+
 Both directions stream tensor by tensor (peak memory near one tensor or one checkpoint part), show a progress
 bar, check every key strictly, and write DST atomically (nothing is left half-written on error).
 """
@@ -31,9 +34,14 @@ def main(argv=None) -> int:
         s.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from turbojax.convert.folders import to_jax, to_torch
+    from turbojax.convert.folders import convert_pipeline, is_pipeline, to_jax, to_torch
     try:
-        if args.cmd == "to-jax":
+        if is_pipeline(args.src):
+            kw = dict(scan_layers=not args.no_scan, max_part_bytes=args.part_size_mb << 20) \
+                if args.cmd == "to-jax" else {}
+            convert_pipeline(args.src, args.dst, args.cmd, dtype=args.dtype, overwrite=args.overwrite,
+                             progress=not args.no_progress, **kw)
+        elif args.cmd == "to-jax":
             to_jax(args.src, args.dst, scan_layers=not args.no_scan, dtype=args.dtype, overwrite=args.overwrite,
                    max_part_bytes=args.part_size_mb << 20, progress=not args.no_progress)
         else:

@@ -20,8 +20,8 @@ from turbojax.convert.safetensors_io import (atomic_output_dir, open_safetensors
                                              write_safetensors)
 from turbojax.utils import progress_bar
 
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-INDEX_NAME = WEIGHTS_NAME + ".index.json"
+PASSTHROUGH_DIR = "files"  # non-weight files of the source folder, copied back by to-torch
+EXTRA_FILE = "extra.safetensors"  # tensors of the source checkpoint that the model does not use
 MAX_SHARD_BYTES = 10 * 1000**3  # diffusers' default max_shard_size="10GB"
 _DTYPES = {"keep": None, "float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
 
@@ -44,8 +44,6 @@ def to_jax(src, dst, *, scan_layers: bool = True, dtype: str = "keep", overwrite
     reader = open_safetensors(src)
     sources = fam.source_names(reader.keys())
     get, available = source_reader(sources, reader.get, reader.shape)
-    name0 = next(iter(sources), "")
-    prefix = sources[name0].key[: len(sources[name0].key) - len(name0)] if sources else ""
     model = abstract_model(fam, cfg, scan_layers=scan_layers)
     params = flat_params(model)
     leaves = model_leaves(model, fam)
@@ -65,13 +63,16 @@ def to_jax(src, dst, *, scan_layers: bool = True, dtype: str = "keep", overwrite
         arr = by_path[path].to_jax([get(k) for k in by_path[path].torch_keys])
         return arr if arr.dtype == specs[path][1] else arr.astype(np.float32).astype(specs[path][1])
 
-    source = None
-    # renamed, split or dropped tensors cannot be written back as they were: to-torch then writes diffusers' layout
-    if dtype == "keep" and is_verbatim(sources) and len(sources) == len(reader.keys()):
-        files = {}
-        for fname, keys in reader.layout.items():
-            files[fname] = {"keys": list(keys), "metadata": open_safetensors(src / fname).metadata}
-        source = {"key_prefix": prefix, "files": files,
+    # Remember the source layout so to-torch can write the files back as they were: which stored key each tensor
+    # came from, in which file, and the tensors the model does not use (e.g. a text encoder's vision tower), kept
+    # verbatim in `extra.safetensors`. Fused tensors (original Z-Image qkv) cannot be restored: diffusers' layout.
+    source, extras = None, []
+    if all(sv.parts == 1 for sv in sources.values()):
+        used = {sv.key: name for name, sv in sources.items()}
+        extras = [k for k in reader.keys() if k not in used]
+        source = {"files": {f: {"keys": list(keys), "metadata": (reader.files[f] if hasattr(reader, "files")
+                                                                  else reader).metadata} for f, keys in reader.layout.items()},
+                  "names": used,
                   "index_name": Path(reader.index_path).name if getattr(reader, "index_path", None) else None,
                   "index_text": getattr(reader, "index_text", None)}
     meta = {"family": fam.name, "config": config_to_dict(fam, cfg), "config_json": config_text,
@@ -79,10 +80,19 @@ def to_jax(src, dst, *, scan_layers: bool = True, dtype: str = "keep", overwrite
     with atomic_output_dir(dst, overwrite=overwrite) as tmp:
         write_params(Path(tmp), specs, produce, meta, max_part_bytes=max_part_bytes,
                      progress=lambda it: progress_bar(it, desc="to-jax", enabled=progress, unit="part"))
+        if extras:
+            write_safetensors(Path(tmp) / EXTRA_FILE, [reader.spec(k) for k in extras])
+        # other files of the component (e.g. transformers' generation_config.json) travel along unchanged
+        weight_files = set(reader.layout) | {source["index_name"] if source else None}
+        for f in sorted(src.iterdir()):
+            if f.is_file() and f.name not in weight_files and f.name != "config.json" \
+                    and not f.name.startswith(".") and not f.name.endswith(".safetensors"):
+                (Path(tmp) / PASSTHROUGH_DIR).mkdir(exist_ok=True)
+                shutil.copy2(f, Path(tmp) / PASSTHROUGH_DIR / f.name)
     return dst
 
 
-def _default_layout(sizes: dict[str, int]) -> dict[str, list[str]]:
+def _default_layout(sizes: dict[str, int], weights_name: str) -> dict[str, list[str]]:
     """diffusers' save_pretrained layout: one file, or greedy 10 GB shards named -0000i-of-0000n."""
     shards, current, size = [], [], 0
     for k in sorted(sizes):
@@ -93,9 +103,9 @@ def _default_layout(sizes: dict[str, int]) -> dict[str, list[str]]:
         size += sizes[k]
     shards.append(current)
     if len(shards) == 1:
-        return {WEIGHTS_NAME: shards[0]}
+        return {weights_name: shards[0]}
     n = len(shards)
-    stem = WEIGHTS_NAME[: -len(".safetensors")]
+    stem = weights_name[: -len(".safetensors")]
     return {f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors": s for i, s in enumerate(shards)}
 
 
@@ -143,32 +153,76 @@ def to_torch(src, dst, *, dtype: str = "keep", overwrite: bool = False, progress
             raise ConversionError(f"{src}: checkpoint misses tensors {sorted(expected - set(shapes))[:10]}")
 
         source = meta.get("source")
-        if source and dtype == "keep" and sorted(k for f in source["files"].values() for k in f["keys"]) == sorted(
-                source["key_prefix"] + k for k in expected):
-            layout = {f: [k[len(source["key_prefix"]):] for k in info["keys"]] for f, info in source["files"].items()}
+        extra = open_safetensors(src / EXTRA_FILE) if (src / EXTRA_FILE).is_file() else None
+
+        def tensor(stored_key):
+            """(shape, dtype, producer) of a tensor to write under its stored name."""
+            name = source["names"].get(stored_key) if source else stored_key
+            if name is not None:
+                return shapes[name], dtypes[name], (lambda: _spilled(scratch / name, shapes[name], dtypes[name]))
+            if extra is None or stored_key not in extra:
+                raise ConversionError(f"{src}: {EXTRA_FILE} lacks the source tensor {stored_key}")
+            sh, dt, _ = extra.spec(stored_key)[1:]
+            if out_dtype is None or not (dt.kind == "f" or dt.name == "bfloat16"):
+                return sh, dt, (lambda: extra.get(stored_key))
+            return sh, out_dtype, (lambda: extra.get(stored_key).astype(np.float32).astype(out_dtype))
+
+        if source:
+            layout = {f: info["keys"] for f, info in source["files"].items()}
             file_meta = {f: info["metadata"] for f, info in source["files"].items()}
-            prefix, index_name, index_text = source["key_prefix"], source["index_name"], source["index_text"]
+            index_name, index_text = source["index_name"], source["index_text"]
         else:
-            layout = _default_layout({k: int(np.prod(shapes[k])) * dtypes[k].itemsize for k in expected})
+            layout = _default_layout({k: int(np.prod(shapes[k])) * dtypes[k].itemsize for k in expected},
+                                     fam.weights_name)
             file_meta = {f: {"format": "pt"} for f in layout}
-            prefix, index_name, index_text = "", None, None
+            index_name, index_text = None, None
             if len(layout) > 1:
-                index_name = INDEX_NAME
+                index_name = fam.weights_name + ".index.json"
                 total = sum(int(np.prod(shapes[k])) * dtypes[k].itemsize for k in expected)
                 index = {"metadata": {"total_size": total},
                          "weight_map": {k: f for f, ks in layout.items() for k in ks}}
                 index_text = json.dumps(index, indent=2, sort_keys=True) + "\n"
 
         for fname, keys in progress_bar(list(layout.items()), desc="writing", enabled=progress, unit="file"):
-            write_safetensors(tmp / fname, [(prefix + k, shapes[k], dtypes[k], (lambda k=k: _spilled(scratch / k,
-                                                                                            shapes[k], dtypes[k])))
-                                             for k in keys], metadata=file_meta[fname])
+            write_safetensors(tmp / fname, [(k, *tensor(k)) for k in keys], metadata=file_meta[fname])
         shutil.rmtree(scratch)
         if index_text is not None:
             write_index_json(tmp / index_name, index_text)
-        config_text = meta.get("config_json") if dtype == "keep" else None
+        config_text = meta.get("config_json")
         if config_text is None:
             from turbojax.models.registry import config_to_dict
             config_text = json.dumps(config_to_dict(fam, cfg), indent=2, sort_keys=True) + "\n"
         (tmp / "config.json").write_bytes(config_text.encode("utf-8"))
+        if (src / PASSTHROUGH_DIR).is_dir():
+            for f in sorted((src / PASSTHROUGH_DIR).iterdir()):
+                shutil.copy2(f, tmp / f.name)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole pipeline folders: convert the model components, copy the rest (tokenizer/, scheduler/, model_index.json)
+# ---------------------------------------------------------------------------------------------------------------
+
+def is_pipeline(folder) -> bool:
+    return (Path(folder) / "model_index.json").is_file()
+
+
+def convert_pipeline(src, dst, direction: str, *, overwrite: bool = False, progress: bool = True, **kw) -> Path:
+    """`to_jax` / `to_torch` applied to every component folder holding weights; everything else copied as is."""
+    from turbojax.checkpoint import META_FILE
+    src, dst = Path(src), Path(dst)
+    with atomic_output_dir(dst, overwrite=overwrite) as tmp:
+        tmp = Path(tmp)
+        for item in sorted(src.iterdir()):
+            if item.name.startswith("."):
+                continue
+            is_model = item.is_dir() and ((item / META_FILE).is_file() if direction == "to-torch"
+                                          else (item / "config.json").is_file() and any(item.glob("*.safetensors")))
+            if is_model:
+                fn = to_jax if direction == "to-jax" else to_torch
+                fn(item, tmp / item.name, progress=progress, **kw)
+            elif item.is_dir():
+                shutil.copytree(item, tmp / item.name)
+            else:
+                shutil.copy2(item, tmp / item.name)
     return dst

@@ -82,7 +82,7 @@ def from_orbax(directory, *, dtype=jnp.float32, param_dtype=None, scan_layers: b
     fam = get_family(meta["family"])
     cfg = config_from_dict(fam, meta["config"], str(directory))
     stored_scan = meta["scan_layers"]
-    if scan_layers is not None and scan_layers != stored_scan:
+    if scan_layers is not None and scan_layers != stored_scan and _has_stacks(fam, cfg):
         raise ConfigError(f"{directory} was exported with scan_layers={stored_scan}; convert again with "
                           f"{'--no-scan' if not scan_layers else 'scan on'} to load it with scan_layers={scan_layers}")
     model = abstract_model(fam, cfg, param_dtype=param_dtype or dtype, dtype=dtype, scan_layers=stored_scan,
@@ -109,6 +109,13 @@ def from_orbax(directory, *, dtype=jnp.float32, param_dtype=None, scan_layers: b
         values.update(part)
     flat = [(p, v.replace(values[tuple(str(x) for x in p)])) for p, v in nnx.to_flat_state(state)]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _has_stacks(fam, cfg) -> bool:
+    """Whether scan_layers changes the parameter layout of this family (it does not for the VAEs)."""
+    from turbojax.convert.params import flat_params
+    return set(flat_params(abstract_model(fam, cfg, scan_layers=True))) != set(
+        flat_params(abstract_model(fam, cfg, scan_layers=False)))
 
 
 def _resolve_shardings(model, mesh, shardings):

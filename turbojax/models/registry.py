@@ -38,6 +38,7 @@ class Family:
     presets: dict = dataclasses.field(default_factory=dict)
     # stored checkpoint keys -> {diffusers name: Source}: renames / splits of "original" (non-diffusers) layouts
     source_names: Callable = default_source_names
+    weights_name: str = "diffusion_pytorch_model.safetensors"  # file name of a fresh export (transformers: model.)
     # (raw config dict, source) -> config, for configs in another library's format (transformers' config.json has
     # no `_class_name`); None: the dict holds the config dataclass's own field names (diffusers, our exports)
     parse_config: Callable | None = None
@@ -85,6 +86,7 @@ FAMILIES: dict[str, Family] = {
         keys=QWEN2_5_VL_KEYS,
         stack_sizes=qwen_llm_stack_sizes,
         presets={"qwen2_5_vl_7b_text": QWEN2_5_VL_7B, "qwen2_5_vl_text_tiny": QWEN2_5_VL_TINY},
+        weights_name="model.safetensors",
         source_names=qwen2_5_vl_source_names,
         parse_config=_transformers_config("qwen2_5_vl"),
     ),
@@ -96,6 +98,7 @@ FAMILIES: dict[str, Family] = {
         keys=QWEN3_KEYS,
         stack_sizes=qwen_llm_stack_sizes,
         presets={"qwen3_4b_text": QWEN3_4B, "qwen3_text_tiny": QWEN3_TINY},
+        weights_name="model.safetensors",
         source_names=qwen3_source_names,
         parse_config=_transformers_config("qwen3"),
     ),

@@ -59,6 +59,17 @@ def _pad_seq(x, n):
     return x if x.shape[1] == n else jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
 
 
+def _as_bits(x):
+    """bf16/fp16 -> same-width unsigned ints. XLA:CPU upcasts half-precision dynamic slices to fp32 and then hoists
+    that convert of the whole loop-invariant array out of the loop (a full fp32 copy per call); integer slices are
+    taken as they are."""
+    return lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
+
+
+def _from_bits(x, dtype):
+    return lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
+
+
 def _chunked_attention(q, k, v, key_mask, scale, q_block: int | None = None, kv_block: int | None = None,
                        causal: bool = False):
     b, sq, h, d = q.shape
@@ -72,6 +83,8 @@ def _chunked_attention(q, k, v, key_mask, scale, q_block: int | None = None, kv_
     # cheaper than transposing q, k, v and the output to head-major layout around the loop. Padded queries are
     # computed and dropped; padded keys get a -inf logit (never `neg`), so padding never enters a sum.
     q, k, v = _pad_seq(q, nq * bq), _pad_seq(k, nk * bk), _pad_seq(v, nk * bk)
+    in_dtypes = q.dtype, k.dtype, v.dtype
+    q, k, v = _as_bits(q), _as_bits(k), _as_bits(v)
     keep = jnp.ones((b, sk), bool) if key_mask is None else key_mask.astype(bool)
     keep = _pad_seq(keep, nk * bk)
     padded = nk * bk != sk
@@ -79,8 +92,8 @@ def _chunked_attention(q, k, v, key_mask, scale, q_block: int | None = None, kv_
 
     def scores_and_values(bi, hi, qi, start, q_start):
         """fp32 logits `[bq, bk]` (masked) of the query block at `q_start` against the key block at `start`."""
-        ki = lax.dynamic_slice(k, (bi, start, hi, 0), (1, bk, 1, d)).reshape(bk, d)
-        vi = lax.dynamic_slice(v, (bi, start, hi, 0), (1, bk, 1, dv)).reshape(bk, dv)
+        ki = _from_bits(lax.dynamic_slice(k, (bi, start, hi, 0), (1, bk, 1, d)).reshape(bk, d), in_dtypes[1])
+        vi = _from_bits(lax.dynamic_slice(v, (bi, start, hi, 0), (1, bk, 1, dv)).reshape(bk, dv), in_dtypes[2])
         keep_i = lax.dynamic_slice(keep, (bi, start), (1, bk))[0]
         s = lax.dot_general(qi, ki, (((1,), (1,)), ((), ())), preferred_element_type=f32) * scale
         if causal:  # same fill as the reference; padded keys still get -inf below
@@ -92,11 +105,11 @@ def _chunked_attention(q, k, v, key_mask, scale, q_block: int | None = None, kv_
         return jnp.where(keep_i[None, :], s, fill_i), vi
 
     def pv(p, vi):
-        return jnp.dot(p.astype(v.dtype), vi, preferred_element_type=f32)
+        return jnp.dot(p.astype(vi.dtype), vi, preferred_element_type=f32)
 
     def one_block(i, out):
         bi, hi, qb = i // (h * nq), (i // nq) % h, i % nq
-        qi = lax.dynamic_slice(q, (bi, qb * bq, hi, 0), (1, bq, 1, d)).reshape(bq, d)
+        qi = _from_bits(lax.dynamic_slice(q, (bi, qb * bq, hi, 0), (1, bq, 1, d)).reshape(bq, d), in_dtypes[0])
         if nk == 1:  # whole key range at once: plain softmax, no rescaling
             s, vi = scores_and_values(bi, hi, qi, 0, qb * bq)
             p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
@@ -118,7 +131,7 @@ def _chunked_attention(q, k, v, key_mask, scale, q_block: int | None = None, kv_
     # The loop output stays fp32 and is rounded once at the end: XLA:CPU has no bf16 dynamic-update-slice and
     # would convert the whole bf16 buffer to fp32 and back on every step.
     out = lax.fori_loop(0, b * h * nq, one_block, jnp.zeros((b, nq * bq, h, dv), f32))
-    return out[:, :sq].astype(v.dtype)
+    return out[:, :sq].astype(in_dtypes[2])
 
 
 def resolve_impl(impl: str) -> str:
