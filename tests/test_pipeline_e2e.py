@@ -1,6 +1,5 @@
 """End to end: a tiny diffusers pipeline saved locally; diffusers and our sample.py / pipeline on the same folder,
 prompt and initial latents give the same image (Qwen-Image with and without true CFG, with a LoRA; Z-Image)."""
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,30 +13,13 @@ from refs import perturb_, tiny_qwen, tiny_z_image
 REPO = Path(__file__).resolve().parent.parent
 # pass copies to diffusers: ZImagePipeline rewrites the prompt list in place with its chat template
 PROMPTS = ["a red cat sitting on a blue chair", "mountain lake at dawn"]
-CHAT_TEMPLATE = (
-    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif %}{%- endif %}")
 TEXT = dict(vocab_size=320, hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2)
 
 
 def make_tokenizer():
-    """A tiny byte-level BPE wrapped as a Qwen2Tokenizer with the Qwen special tokens and chat template."""
-    from tokenizers import Tokenizer, models as tm, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-    corpus = ["Describe the image by detailing the color, shape, size, texture, quantity, text, spatial "
-              "relationships of the objects and background", *PROMPTS, "system user assistant"] * 4
-    bpe = Tokenizer(tm.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    model = json.loads(bpe.to_str())["model"]
-    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]],
-                         additional_special_tokens=["<|im_start|>", "<|im_end|>"], chat_template=CHAT_TEMPLATE)
-    tok.add_tokens(["<think>", "</think>"])
-    return tok
+    from turbojax.testing import tiny_qwen_tokenizer
+    return tiny_qwen_tokenizer(PROMPTS)
 
 
 def qwen_pipeline_torch(seed=0):

@@ -265,11 +265,6 @@ def test_real_size_presets_match_transformers_shapes(kind):
 # ---------------------------------------------------------------------------------------------------------------
 # Prompt encoding vs the pipelines
 
-CHAT_TEMPLATE = (  # Qwen3's generation-prompt logic (enable_thinking=False adds an empty think block)
-    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
-    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
-    "{%- endif %}{%- endif %}")
 PROMPTS = ["a red cat sitting on a blue chair", "mountain", "A photo of a quiet lake at sunset, with clouds"]
 LONG = "a red cat sitting on a blue chair near the window, " * 60
 
@@ -277,18 +272,8 @@ LONG = "a red cat sitting on a blue chair near the window, " * 60
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     """A tiny byte-level BPE wrapped as a Qwen2Tokenizer, saved and loaded back like a pipeline's tokenizer/."""
-    from tokenizers import Tokenizer, models as tm, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-    corpus = ["Describe the image by detailing the color, shape, size, texture, quantity, text, spatial "
-              "relationships of the objects and background", *PROMPTS, "system user assistant"] * 4
-    bpe = Tokenizer(tm.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    model = json.loads(bpe.to_str())["model"]
-    tok = Qwen2Tokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]],
-                         additional_special_tokens=["<|im_start|>", "<|im_end|>"], chat_template=CHAT_TEMPLATE)
-    tok.add_tokens(["<think>", "</think>"])
+    from turbojax.testing import tiny_qwen_tokenizer
+    tok = tiny_qwen_tokenizer(PROMPTS)
     folder = tmp_path_factory.mktemp("pipe") / "tokenizer"
     tok.save_pretrained(folder)
     loaded = load_tokenizer(folder)
