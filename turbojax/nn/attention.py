@@ -5,7 +5,8 @@ Implementations:
     logits tensor. Kept simple on purpose: it is what the other implementations are tested against.
   * "chunked" – same maths, computed one (batch, head) pair and one block of queries at a time, with an online
     (flash-style) softmax over key blocks when the keys exceed `kv_block`. Fastest on CPU, see below.
-  * "auto"    – "chunked" on CPU, "xla" elsewhere (GPU/TPU compilers already fuse the reference well).
+  * "auto"    – "chunked" on CPU, "xla" elsewhere ("chunked" loops over (batch, head) pairs one at a time, which
+    suits a 2-core CPU but would serialise an accelerator).
   * "cudnn"   – `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, bf16/fp16 only).
   * "splash"  – slot for the TPU Pallas splash kernel; raises until the TPU work lands, so a config that asks for
     it fails loudly instead of silently running something else.
