@@ -20,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -80,7 +79,6 @@ def medium_components(dtype, attention_impl="auto", vae_base_dim=8):
 
     from turbojax.models.qwen_image import QwenImageConfig, QwenImageTransformer
     from turbojax.models.qwen_llm import Qwen2_5_VLTextConfig, QwenLLM
-    from turbojax.models.vae_qwen_image import AutoencoderKLQwenImage, QwenImageVAEConfig
     kw = dict(param_dtype=dtype, dtype=dtype, attention_impl=attention_impl)
     transformer = QwenImageTransformer(QwenImageConfig(**MEDIUM_TRANSFORMER), rngs=nnx.Rngs(0), **kw)
     llm = QwenLLM(Qwen2_5_VLTextConfig(vocab_size=512, hidden_size=512, intermediate_size=1024,

@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from turbojax.checkpoint import iter_parts, read_meta, write_params
-from turbojax.convert.params import (ConversionError, check_keys, flat_params, is_verbatim, model_leaves,
-                                     source_reader)
+from turbojax.convert.params import ConversionError, check_keys, flat_params, model_leaves, source_reader
 from turbojax.convert.safetensors_io import (atomic_output_dir, open_safetensors, write_index_json,
                                              write_safetensors)
 from turbojax.utils import progress_bar

@@ -61,13 +61,6 @@ def default_source_names(keys: Iterable[str]) -> dict[str, Source]:
     return {name: Source(stored) for name, stored in strip_original_prefix(keys).items()}
 
 
-def is_verbatim(sources: Mapping[str, Source]) -> bool:
-    """True when every tensor is stored whole under `prefix + name` with one shared prefix (so a converted
-    checkpoint can be written back byte for byte)."""
-    prefixes = {s.key[: len(s.key) - len(n)] for n, s in sources.items() if s.parts == 1 and s.key.endswith(n)}
-    return len(prefixes) <= 1 and all(s.parts == 1 and s.key.endswith(n) for n, s in sources.items())
-
-
 def source_reader(sources: Mapping[str, Source], get: Callable[[str], np.ndarray],
                   shape: Callable[[str], tuple]) -> tuple[Callable[[str], np.ndarray], dict[str, tuple]]:
     """(`get(diffusers name)`, `{diffusers name: shape}`) over a file's own `get(stored key)` / `shape(stored key)`,

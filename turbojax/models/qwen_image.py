@@ -22,6 +22,7 @@ from flax import nnx
 
 from turbojax.nn.attention import attention
 from turbojax.nn.layers import Linear, RMSNorm, layer_norm, timestep_sinusoid
+from turbojax.nn.blocks import run_blocks
 from turbojax.nn.remat import remat_policy
 from turbojax.nn.rope import apply_rope, rope_angles
 
@@ -284,25 +285,6 @@ class QwenImageTransformer(nnx.Module):
         graphdef, state = nnx.split(self)
         out = _jitted_forward(graphdef, state, hidden_states, encoder_hidden_states, mask, timestep, shapes)
         return out if return_dict else (out,)
-
-
-def run_blocks(blocks, carry, consts, *, scan: bool, remat: str):
-    """Apply a stack of blocks to `carry`: scanned over the leading `layers` axis, or looped over a list."""
-    policy = remat_policy(remat)
-
-    def make_body(graphdef):
-        def body(c, layer_state):
-            return nnx.merge(graphdef, layer_state)(*c, *consts), None
-        return body if policy is False else jax.checkpoint(body, policy=policy, prevent_cse=not scan)
-
-    if scan:
-        graphdef, state = nnx.split(blocks)
-        carry, _ = jax.lax.scan(make_body(graphdef), carry, state)
-        return carry
-    for block in blocks:
-        graphdef, state = nnx.split(block)
-        carry, _ = make_body(graphdef)(carry, state)
-    return carry
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6))

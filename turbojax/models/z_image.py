@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from turbojax.models.qwen_image import run_blocks
+from turbojax.nn.blocks import run_blocks
 from turbojax.nn.attention import attention
 from turbojax.nn.layers import Linear, RMSNorm, layer_norm
 from turbojax.nn.remat import remat_policy
