@@ -16,6 +16,7 @@ setup(
         "safetensors>=0.5",
         "transformers>=4.57",
         "tqdm",
+        "pillow",
         "numpy>=2",
     ],
     extras_require={
