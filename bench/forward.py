@@ -202,7 +202,7 @@ def run_dtype(name, args, tm, sd, fam, cfg, inputs):
     j_in["timestep"] = jnp.asarray(inputs["timestep"])  # ours takes sigma in fp32 and rounds it like the reference
     shapes = inputs["img_shapes"]
 
-    tm_d = tm.to(tdt)
+    tm_d = tm.to(tdt)  # in place: fp32 runs first, so the fp32 reference output exists before the cast
 
     def torch_fwd():
         with torch.no_grad():
@@ -219,7 +219,6 @@ def run_dtype(name, args, tm, sd, fam, cfg, inputs):
     res_ours, res_torch = timed_pair(jax_fwd, torch_fwd, args.iters, args.warmup)
     out_ours = np.asarray(jax_fwd(), np.float64)
     out_torch = torch_fwd().double().numpy()
-    del ours
     return res_ours, res_torch, out_ours, out_torch, compile_s
 
 
@@ -292,8 +291,8 @@ def main(argv=None) -> int:
         peak = max(peaks[f"jax_{r['dtype']}"]["gflops"], peaks[f"torch_{r['dtype']}"]["gflops"])
         r["pct_peak"] = 100 * r["gflops"] / peak
 
-    print(f"\nforward time ({args.iters} alternating runs after {args.warmup} warm-up; GFLOP/s and % of peak use the best "
-          "run; peak = best measured matmul rate at the same dtype; speed-up = diffusers ms / impl ms):")
+    print(f"\nforward time ({args.iters} alternating runs after {args.warmup} warm-up; GFLOP/s and % of peak use the "
+          "best run; peak = best measured matmul rate at the same dtype; speed-up = diffusers ms / impl ms):")
     print(fmt_table(rows))
     noisy = [f"{r['impl']} {r['dtype']}" for r in rows if r["median_ms"] > NOISY * r["best_ms"]]
     if noisy:

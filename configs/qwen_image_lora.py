@@ -18,7 +18,7 @@ def get_config(variant: str = "tiny"):
     c.dtype = "float32" if variant == "tiny" else "bfloat16"  # compute
     c.scan_layers = True
     c.remat = "none" if variant == "tiny" else "dots_no_batch"
-    c.attention_impl = "xla"
+    c.attention_impl = "auto"  # chunked on CPU, XLA reference elsewhere
     # --- what trains (regex over our module paths) ---
     c.lora = ml_collections.ConfigDict()
     c.lora.targets = [r"transformer_blocks\.attn\.(to_q|to_k|to_v|to_out|add_q_proj|add_k_proj|add_v_proj|to_add_out)",

@@ -152,7 +152,7 @@ class Text2ImagePipeline:
 
 
 def from_diffusers(folder, *, loras=(), dtype=jnp.float32, text_dtype=None, vae_dtype=jnp.float32,
-                   scan_layers: bool = True, attention_impl: str = "xla", mesh=None,
+                   scan_layers: bool = True, attention_impl: str = "auto", mesh=None,
                    progress: bool = True) -> Text2ImagePipeline:
     """Load a local diffusers pipeline folder (or one exported by `python -m turbojax.convert to-jax`).
 

@@ -22,7 +22,7 @@ LoraSpec = Sequence[tuple[str | Path, float] | str | Path]
 
 
 def create(name_or_config, *, seed: int = 0, param_dtype=jnp.float32, dtype=None, scan_layers: bool = True,
-           remat: str = "none", attention_impl: str = "xla"):
+           remat: str = "none", attention_impl: str = "auto"):
     """A randomly initialised model from a preset name ("qwen_image", "qwen_image_tiny") or a config object."""
     if isinstance(name_or_config, str):
         fam, cfg = get_preset(name_or_config)
@@ -34,7 +34,7 @@ def create(name_or_config, *, seed: int = 0, param_dtype=jnp.float32, dtype=None
 
 
 def abstract_model(fam, cfg, *, param_dtype=jnp.float32, dtype=None, scan_layers=True, remat="none",
-                   attention_impl="xla"):
+                   attention_impl="auto"):
     """The model with `jax.ShapeDtypeStruct` leaves: no memory is allocated for the weights."""
     return nnx.eval_shape(lambda: fam.model_cls(
         cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype or param_dtype, scan_layers=scan_layers,
@@ -42,7 +42,7 @@ def abstract_model(fam, cfg, *, param_dtype=jnp.float32, dtype=None, scan_layers
 
 
 def from_diffusers(folder, *, dtype=jnp.float32, param_dtype=None, scan_layers: bool = True, remat: str = "none",
-                   attention_impl: str = "xla", loras: LoraSpec = (), mesh=None, shardings=None,
+                   attention_impl: str = "auto", loras: LoraSpec = (), mesh=None, shardings=None,
                    progress: bool = True):
     """Load a diffusers component folder (`config.json` + safetensors, single or sharded) or a turbojax export.
 
@@ -70,7 +70,7 @@ def from_diffusers(folder, *, dtype=jnp.float32, param_dtype=None, scan_layers: 
 
 
 def from_orbax(directory, *, dtype=jnp.float32, param_dtype=None, scan_layers: bool | None = None,
-               remat: str = "none", attention_impl: str = "xla", mesh=None, shardings=None,
+               remat: str = "none", attention_impl: str = "auto", mesh=None, shardings=None,
                progress: bool = True):
     """Load a model exported by `python -m turbojax.convert to-jax` (restored part by part into `shardings`)."""
     from turbojax.checkpoint import host_target, iter_parts, read_meta

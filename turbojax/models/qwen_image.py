@@ -206,7 +206,7 @@ class QwenImageTransformer(nnx.Module):
 
     def __init__(self, config: QwenImageConfig = QWEN_IMAGE_20B, *, rngs: nnx.Rngs | None = None,
                  param_dtype=jnp.float32, dtype=jnp.float32, scan_layers: bool = True, remat: str = "none",
-                 attention_impl: str = "xla"):
+                 attention_impl: str = "auto"):
         cfg = config.validate()
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         d = cfg.inner_dim

@@ -311,7 +311,7 @@ class QwenLLM(nnx.Module):
 
     def __init__(self, config: QwenLLMConfig = QWEN2_5_VL_7B, *, rngs: nnx.Rngs | None = None,
                  param_dtype=jnp.float32, dtype=jnp.float32, scan_layers: bool = True, remat: str = "none",
-                 attention_impl: str = "xla"):
+                 attention_impl: str = "auto"):
         cfg = config.validate()
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config, self.dtype, self.scan_layers, self.remat = cfg, dtype, scan_layers, remat

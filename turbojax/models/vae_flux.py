@@ -440,7 +440,7 @@ class AutoencoderKL(nnx.Module):
 
     def __init__(self, config: AutoencoderKLConfig = FLUX_VAE, *, rngs: nnx.Rngs | None = None,
                  param_dtype=jnp.float32, dtype=jnp.float32, scan_layers: bool = False, remat: str = "none",
-                 attention_impl: str = "xla"):
+                 attention_impl: str = "auto"):
         del remat  # inference module: nothing to rematerialise
         cfg = config.validate()
         rngs = rngs if rngs is not None else nnx.Rngs(0)

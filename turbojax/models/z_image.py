@@ -319,7 +319,7 @@ class ZImageTransformer(nnx.Module):
 
     def __init__(self, config: ZImageConfig = Z_IMAGE_TURBO, *, rngs: nnx.Rngs | None = None,
                  param_dtype=jnp.float32, dtype=jnp.float32, scan_layers: bool = True, remat: str = "none",
-                 attention_impl: str = "xla"):
+                 attention_impl: str = "auto"):
         cfg = config.validate()
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         d = cfg.dim
