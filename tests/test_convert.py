@@ -197,3 +197,84 @@ def test_text_encoder_round_trip_keeps_unused_tensors(tmp_path, kind):
     a = models.from_diffusers(tmp_path / "src", progress=False)(ids, output_hidden_states=True)
     b = models.from_diffusers(tmp_path / "jax", progress=False)(ids, output_hidden_states=True)
     np.testing.assert_array_equal(np.asarray(a.last_hidden_state), np.asarray(b.last_hidden_state))
+
+
+MEM_SCRIPT = r"""
+import json, sys
+import numpy as np
+from safetensors.numpy import save_file
+from turbojax.convert.folders import to_jax, to_torch
+from turbojax.convert.params import flat_params, model_leaves
+from turbojax.models import abstract_model
+from turbojax.models.qwen_image import QwenImageConfig
+from turbojax.models.registry import config_to_dict, get_family
+
+import threading, time
+
+def anon():
+    # anonymous memory only: pages of memory-mapped files (the safetensors being read) are reclaimable cache
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("RssAnon")) / 1024
+
+PEAK = [0.0]
+def sample():
+    while True:
+        PEAK[0] = max(PEAK[0], anon())
+        time.sleep(0.002)
+
+mode, src, dst = sys.argv[1:4]
+if mode == "make":
+    fam = get_family("qwen_image")
+    cfg = QwenImageConfig(num_layers=6, attention_head_dim=64, num_attention_heads=8, joint_attention_dim=512,
+                          axes_dims_rope=(16, 24, 24))
+    largest = {scan: max(int(np.prod(v.shape)) * 4 / 2**20 for v in flat_params(abstract_model(
+        fam, cfg, scan_layers=scan)).values()) for scan in (True, False)}
+    m = abstract_model(fam, cfg, scan_layers=False)
+    p = flat_params(m)
+    t = {k: np.full(l.torch_shape(p[l.jax_path].shape), 0.01, np.float32) for l in model_leaves(m, fam)
+         for k in l.torch_keys}
+    save_file(t, src + "/diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+    json.dump(config_to_dict(fam, cfg), open(src + "/config.json", "w"))
+    print(json.dumps({"total": sum(v.nbytes for v in t.values()) / 2**20, "largest_scan": largest[True],
+                      "largest_noscan": largest[False]}))
+else:
+    import jax.numpy as jnp
+    from turbojax.models import create
+    create("qwen_image_tiny")(jnp.zeros((1, 4, 16)), jnp.zeros((1, 3, 24)), None, jnp.ones(1), [(1, 2, 2)])
+    base = anon()  # after the JAX backend, its thread pools and a first compile are up
+    threading.Thread(target=sample, daemon=True).start()
+    if mode.startswith("to_jax"):
+        to_jax(src, dst, progress=False, max_part_bytes=16 << 20, scan_layers=mode == "to_jax_scan")
+    else:
+        to_torch(src, dst, progress=False)
+    time.sleep(0.05)
+    print(json.dumps({"extra": PEAK[0] - base}))
+"""
+
+
+def _mem_step(*args):
+    r = subprocess.run([sys.executable, "-c", MEM_SCRIPT, *map(str, args)], cwd=REPO, capture_output=True,
+                       text=True, timeout=600, env={"PATH": "", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO),
+                                                    # what the CLI sets through mallopt: large buffers go
+                                                    # back to the OS when freed instead of fragmenting the heap
+                                                    "MALLOC_MMAP_THRESHOLD_": "1048576"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scan", [True, False], ids=["scan", "noscan"])
+def test_conversion_memory_stays_near_one_part(tmp_path, scan):
+    """Both directions stream: the extra peak host memory (each step in a fresh process) is a few parts / stacked
+    leaves, not the model (about 220 MiB here; largest leaf 36 MiB stacked, 6 MiB unstacked; parts of 16 MiB)."""
+    (tmp_path / "src").mkdir()
+    made = _mem_step("make", tmp_path / "src", "-")
+    total = made["total"]
+    bound = 4 * max(16, made["largest_scan" if scan else "largest_noscan"])
+    assert total > (1.5 if scan else 3) * bound
+    to_jax_extra = _mem_step("to_jax_scan" if scan else "to_jax", tmp_path / "src", tmp_path / "jax")["extra"]
+    to_torch_extra = _mem_step("to_torch", tmp_path / "jax", tmp_path / "back")["extra"]
+    print(f"model {total:.0f} MiB: peak extra anonymous memory to-jax {to_jax_extra:.0f} MiB, "
+          f"to-torch {to_torch_extra:.0f} MiB")
+    assert to_jax_extra < bound and to_torch_extra < bound, (total, bound, to_jax_extra, to_torch_extra)
+    assert (tmp_path / "back" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (tmp_path / "src" / "diffusion_pytorch_model.safetensors").read_bytes()

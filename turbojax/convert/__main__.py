@@ -15,6 +15,17 @@ import argparse
 import sys
 
 
+def _return_freed_buffers_to_os() -> None:
+    """glibc serves mid-sized buffers from the heap once big ones were freed (dynamic mmap threshold), so a
+    tensor-by-tensor conversion would keep the freed memory of earlier tensors. A fixed 1 MiB threshold makes every
+    tensor buffer its own mapping, returned on free. Process-wide, hence done here in the CLI and not the library."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m turbojax.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -23,7 +34,7 @@ def main(argv=None) -> int:
     a.add_argument("src")
     a.add_argument("dst")
     a.add_argument("--no-scan", action="store_true", help="store blocks one by one instead of stacked (scanned)")
-    a.add_argument("--part-size-mb", type=int, default=1024, help="max size of one Orbax checkpoint part")
+    a.add_argument("--part-size-mb", type=int, default=256, help="max size of one Orbax checkpoint part (bounds peak host memory)")
     b = sub.add_parser("to-torch", help="turbojax Orbax export -> diffusers component folder")
     b.add_argument("src")
     b.add_argument("dst")
@@ -34,6 +45,7 @@ def main(argv=None) -> int:
         s.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
+    _return_freed_buffers_to_os()
     from turbojax.convert.folders import convert_pipeline, is_pipeline, to_jax, to_torch
     try:
         if is_pipeline(args.src):

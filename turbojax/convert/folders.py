@@ -33,7 +33,7 @@ def _dtype(name):
 
 
 def to_jax(src, dst, *, scan_layers: bool = True, dtype: str = "keep", overwrite: bool = False,
-           max_part_bytes: int = 1 << 30, progress: bool = True) -> Path:
+           max_part_bytes: int = 256 << 20, progress: bool = True) -> Path:
     """Convert a diffusers component folder into a turbojax Orbax export at `dst` (atomically)."""
     from turbojax.models import abstract_model
     from turbojax.models.registry import config_to_dict, read_component_config
