@@ -1,4 +1,4 @@
-"""Forward-pass benchmark: turbojax `QwenImageTransformer` (jitted) vs diffusers `QwenImageTransformer2DModel` (eager).
+"""Forward-pass benchmark: turbojax transformers (jitted) vs diffusers (eager): Qwen-Image and Z-Image.
 
 Both models hold the same weights (the diffusers state dict is loaded into ours through the converter path, exactly as
 `turbojax.convert` does for a checkpoint), see the same inputs, and are timed in the same process, one after the
@@ -11,6 +11,9 @@ C = in_channels, Dt = joint_attention_dim, P = patch^2 x out_channels, nl = laye
   * per block, attention: QK^T 2*B*S*S*D + PV 2*B*S*S*D      =  4*B*S^2*D
   * stem/head linears:    2*B*(N*C*D + L*Dt*D + N*D*P)
   * per-sample linears:   2*B*(256*D + D*D + nl*2*6*D*D + 2*D*D)  (timestep MLP, block and output modulation)
+Z-Image (single stream, same D, N and L; F = int(D/3*8) SwiGLU width; Np, Lp padded to multiples of 32;
+nr refiner layers): per joint layer 2*B*S*(4*D^2 + 3*D*F) + 4*B*S^2*D with S = Np + Lp, the noise refiner the same
+over Np tokens, the context refiner over Lp tokens, plus the patch / caption embedders and the final projection.
 Norms, RoPE, GELU, softmax and residual adds are not counted (they are memory-bound, not FLOP-bound).
 
 Run:  python bench/forward.py [--dtypes fp32,bf16] [--iters 10] [--layers 4] [--tokens 1024] [--json out.json]
@@ -48,6 +51,7 @@ NOISY = 1.25  # median/best ratio above which the timings are flagged as disturb
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="qwen_image,z_image", help="comma-separated subset of qwen_image,z_image")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated subset of fp32,bf16")
     p.add_argument("--iters", type=int, default=10, help="timed runs per implementation and dtype")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (the first jitted call compiles)")
@@ -65,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--json", dest="json_out", default=None, help="write all figures to this JSON file")
     args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if any(m not in ("qwen_image", "z_image") for m in args.models):
+        p.error(f"--models takes qwen_image and/or z_image, got {args.models}")
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     bad = [d for d in args.dtypes if d not in DTYPES]
     if bad:
@@ -80,7 +87,22 @@ def grid(tokens: int) -> tuple[int, int]:
     return h, tokens // h
 
 
-def model_flops(cfg, batch: int, n_img: int, n_txt: int) -> dict[str, float]:
+def ceil32(n: int) -> int:
+    return -(-n // 32) * 32
+
+
+def model_flops(kind, cfg, batch: int, n_img: int, n_txt: int) -> dict[str, float]:
+    if kind == "z_image":
+        d, f, nl, nr = cfg.dim, int(cfg.dim / 3 * 8), cfg.n_layers, cfg.n_refiner_layers
+        ni, nt = ceil32(n_img), ceil32(n_txt)
+        s = ni + nt
+
+        def layer(tokens):
+            return 2 * batch * tokens * (4 * d * d + 3 * d * f), 4 * batch * tokens * tokens * d
+        parts = [layer(s)] * nl + [layer(ni)] * nr + [layer(nt)] * nr
+        linears = sum(p[0] for p in parts) + 2 * batch * (ni * 64 * d + nt * cfg.cap_feat_dim * d + ni * d * 64)
+        attn = sum(p[1] for p in parts)
+        return {"linears": float(linears), "attention": float(attn), "total": float(linears + attn)}
     d, s, nl = cfg.inner_dim, n_img + n_txt, cfg.num_layers
     linears = nl * 24 * batch * s * d * d
     linears += 2 * batch * (n_img * cfg.in_channels * d + n_txt * cfg.joint_attention_dim * d + n_img * d * cfg.out_dim)
@@ -148,8 +170,8 @@ def cpu_summary() -> str:
     return f"{model}, {os.cpu_count()} cores, {' '.join(isa) or 'no AVX2'}"
 
 
-def build_models(args):
-    from diffusers import QwenImageTransformer2DModel
+def build_models(args, kind):
+    from diffusers import QwenImageTransformer2DModel, ZImageTransformer2DModel
 
     hd = args.head_dim
     # Same axis split ratio as the published model (16, 56, 56) / 128, rounded to even sizes.
@@ -157,16 +179,22 @@ def build_models(args):
     height = (hd - frame) // 2 - ((hd - frame) // 2) % 2
     axes = (frame, height, hd - frame - height)
     torch.manual_seed(0)
-    tm = QwenImageTransformer2DModel(num_layers=args.layers, attention_head_dim=hd, num_attention_heads=args.heads,
-                                     joint_attention_dim=args.heads * hd, in_channels=64, out_channels=16,
-                                     axes_dims_rope=axes).eval()
+    if kind == "z_image":  # same width, heads, depth and token counts; 16 latent channels, 2x2 patches
+        tm = ZImageTransformer2DModel(dim=args.heads * hd, n_layers=args.layers, n_refiner_layers=2,
+                                      n_heads=args.heads, n_kv_heads=args.heads, cap_feat_dim=args.heads * hd,
+                                      in_channels=16, axes_dims=[hd // 4, 3 * hd // 8, 3 * hd // 8],
+                                      axes_lens=[1536, 512, 512]).eval()
+    else:
+        tm = QwenImageTransformer2DModel(num_layers=args.layers, attention_head_dim=hd, num_attention_heads=args.heads,
+                                         joint_attention_dim=args.heads * hd, in_channels=64, out_channels=16,
+                                         axes_dims_rope=axes).eval()
     # Default inits zero some projections; noise on every weight makes the output agreement check meaningful.
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in tm.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.02)
     sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
-    fam = get_family("qwen_image")
+    fam = get_family(kind)
     cfg = config_from_dict(fam, dict(tm.config), "benchmark torch model")
     return tm, sd, fam, cfg
 
@@ -179,10 +207,15 @@ def load_ours(fam, cfg, sd, jdt, args):
                      progress=False)
 
 
-def make_inputs(args, cfg):
+def make_inputs(args, cfg, kind):
     h, w = grid(args.tokens)
     rng = np.random.default_rng(0)
     b, l = args.batch, args.text_tokens
+    if kind == "z_image":  # lists of per-sample latents [16, 1, 2h, 2w] and caption features [L, D]
+        return dict(x=[rng.standard_normal((cfg.in_channels, 1, 2 * h, 2 * w)).astype(np.float32) for _ in range(b)],
+                    cap_feats=[rng.standard_normal((l - args.text_pad, cfg.cap_feat_dim)).astype(np.float32)
+                               for _ in range(b)],
+                    t=np.full((b,), 0.5, np.float32), grid=(h, w))
     mask = np.ones((b, l), np.float32)
     if args.text_pad:
         mask[:, l - args.text_pad:] = 0
@@ -193,25 +226,42 @@ def make_inputs(args, cfg):
                 img_shapes=[[(1, h, w)]] * b)
 
 
-def run_dtype(name, args, tm, sd, fam, cfg, inputs):
-    jdt, tdt = DTYPES[name]
-    # Tensors are rounded to the compute dtype once, on the host, so both models see bit-identical inputs.
+def forward_fns(kind, tm_d, ours, inputs, tdt, jdt):
+    """(torch forward, jax forward) on bit-identical inputs rounded to the compute dtype on the host."""
+    if kind == "z_image":
+        t_x = [torch.tensor(v).to(tdt) for v in inputs["x"]]
+        t_c = [torch.tensor(v).to(tdt) for v in inputs["cap_feats"]]
+        j_x = [jnp.asarray(v.float().numpy()).astype(jdt) for v in t_x]
+        j_c = [jnp.asarray(v.float().numpy()).astype(jdt) for v in t_c]
+        t_t = torch.tensor(inputs["t"])
+
+        def torch_fwd():
+            with torch.no_grad():
+                return torch.stack(tm_d(t_x, t_t, t_c, return_dict=False)[0])
+
+        def jax_fwd():
+            return jnp.stack(ours(j_x, jnp.asarray(inputs["t"]), j_c, return_dict=False)[0]).block_until_ready()
+        return torch_fwd, jax_fwd
     arrays = {k: v for k, v in inputs.items() if isinstance(v, np.ndarray)}
     t_in = {k: torch.tensor(v).to(tdt) for k, v in arrays.items()}
     j_in = {k: jnp.asarray(t_in[k].float().numpy()).astype(jdt) for k in arrays}
     j_in["timestep"] = jnp.asarray(inputs["timestep"])  # ours takes sigma in fp32 and rounds it like the reference
     shapes = inputs["img_shapes"]
 
-    tm_d = tm.to(tdt)  # in place: fp32 runs first, so the fp32 reference output exists before the cast
-
     def torch_fwd():
         with torch.no_grad():
             return tm_d(**t_in, img_shapes=shapes).sample
 
-    ours = load_ours(fam, cfg, sd, jdt, args)
-
     def jax_fwd():
         return ours(**j_in, img_shapes=shapes).block_until_ready()
+    return torch_fwd, jax_fwd
+
+
+def run_dtype(name, args, tm, sd, fam, cfg, inputs, kind):
+    jdt, tdt = DTYPES[name]
+    tm_d = tm.to(tdt)  # in place: fp32 runs first, so the fp32 reference output exists before the cast
+    ours = load_ours(fam, cfg, sd, jdt, args)
+    torch_fwd, jax_fwd = forward_fns(kind, tm_d, ours, inputs, tdt, jdt)
 
     t0 = time.perf_counter()
     jax_fwd()
@@ -223,11 +273,11 @@ def run_dtype(name, args, tm, sd, fam, cfg, inputs):
 
 
 def fmt_table(rows) -> str:
-    head = ("impl", "dtype", "best ms", "median ms", "GFLOP/s", "% of peak", "speed-up (best)", "speed-up (median)")
-    lines = [head] + [(r["impl"], r["dtype"], f"{r['best_ms']:.1f}", f"{r['median_ms']:.1f}", f"{r['gflops']:.1f}",
+    head = ("model", "impl", "dtype", "best ms", "median ms", "GFLOP/s", "% of peak", "speed-up (best)", "speed-up (median)")
+    lines = [head] + [(r["model"], r["impl"], r["dtype"], f"{r['best_ms']:.1f}", f"{r['median_ms']:.1f}", f"{r['gflops']:.1f}",
                        f"{r['pct_peak']:.1f}", f"{r['speedup']:.2f}x", f"{r['speedup_median']:.2f}x") for r in rows]
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
-    out = ["  ".join(str(c).rjust(w) if i >= 2 else str(c).ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
+    out = ["  ".join(str(c).rjust(w) if i >= 3 else str(c).ljust(w) for i, (c, w) in enumerate(zip(line, widths)))
            for line in lines]
     out.insert(1, "-" * len(out[0]))
     return "\n".join(out)
@@ -242,41 +292,43 @@ def main(argv=None) -> int:
 
     peaks = matmul_peaks(args.matmul_size, args.iters)
 
-    tm, sd, fam, cfg = build_models(args)
-    inputs = make_inputs(args, cfg)
-    h, w = inputs["img_shapes"][0][0][1:]
-    fl = model_flops(cfg, args.batch, h * w, args.text_tokens)
-    print(f"\nmodel: {cfg.num_layers} layers, {cfg.num_attention_heads} heads x {cfg.attention_head_dim} "
-          f"(D={cfg.inner_dim}), joint dim {cfg.joint_attention_dim}; batch {args.batch}, {h}x{w}={h * w} image + "
-          f"{args.text_tokens} text tokens ({args.text_pad} masked)")
     from turbojax.nn.attention import resolve_impl
     print(f"turbojax: attention_impl={args.attention_impl} (-> {resolve_impl(args.attention_impl)}), "
           f"scan_layers={bool(args.scan_layers)}")
-    print(f"FLOPs per forward: {fl['total'] / 1e9:.2f} G  (linears {fl['linears'] / 1e9:.2f} G, "
-          f"attention {fl['attention'] / 1e9:.2f} G)")
-
-    rows, agreement, ref32 = [], {}, None
-    for name in ("fp32", "bf16"):
-        if name not in args.dtypes:
-            continue
-        res_ours, res_torch, out_ours, out_torch, compile_s = run_dtype(name, args, tm, sd, fam, cfg, inputs)
-        for impl, res in (("diffusers", res_torch), ("turbojax", res_ours)):
-            rows.append({"impl": impl, "dtype": name, **{k: res[k] for k in ("best_ms", "median_ms", "all_ms")},
-                         "gflops": fl["total"] / res["best_ms"] / 1e6,
-                         "speedup": res_torch["best_ms"] / res["best_ms"],
-                         "speedup_median": res_torch["median_ms"] / res["median_ms"]})
-        rows[-1]["compile_s"] = compile_s
-        scale = float(np.abs(out_torch).max())
-        diff = float(np.abs(out_ours - out_torch).max())
-        entry = {"max_abs_diff": diff, "output_scale": scale, "rel_diff": diff / scale, "tolerance": TOLERANCE[name]}
-        if name == "fp32":
-            ref32 = out_torch
-        elif ref32 is not None:
-            # How far each bf16 model is from the fp32 reference: ours should be no worse than diffusers'.
-            entry["turbojax_vs_fp32_ref"] = float(np.abs(out_ours - ref32).max() / np.abs(ref32).max())
-            entry["diffusers_vs_fp32_ref"] = float(np.abs(out_torch - ref32).max() / np.abs(ref32).max())
-        entry["ok"] = entry["rel_diff"] <= TOLERANCE[name]
-        agreement[name] = entry
+    rows, agreement, flops, h, w = [], {}, {}, *grid(args.tokens)
+    for kind in args.models:
+        tm, sd, fam, cfg = build_models(args, kind)
+        inputs = make_inputs(args, cfg, kind)
+        fl = flops[kind] = model_flops(kind, cfg, args.batch, h * w, args.text_tokens)
+        print(f"\n{kind}: {args.layers} layers, {args.heads} heads x {args.head_dim} (D={args.heads * args.head_dim}); "
+              f"batch {args.batch}, {h}x{w}={h * w} image + {args.text_tokens} text tokens ({args.text_pad} masked); "
+              f"FLOPs per forward {fl['total'] / 1e9:.2f} G (linears {fl['linears'] / 1e9:.2f} G, attention "
+              f"{fl['attention'] / 1e9:.2f} G)", flush=True)
+        ref32 = None
+        for name in ("fp32", "bf16"):
+            if name not in args.dtypes:
+                continue
+            res_ours, res_torch, out_ours, out_torch, compile_s = run_dtype(name, args, tm, sd, fam, cfg, inputs,
+                                                                            kind)
+            for impl, res in (("diffusers", res_torch), ("turbojax", res_ours)):
+                rows.append({"model": kind, "impl": impl, "dtype": name,
+                             **{k: res[k] for k in ("best_ms", "median_ms", "all_ms")},
+                             "gflops": fl["total"] / res["best_ms"] / 1e6,
+                             "speedup": res_torch["best_ms"] / res["best_ms"],
+                             "speedup_median": res_torch["median_ms"] / res["median_ms"]})
+            rows[-1]["compile_s"] = compile_s
+            scale = float(np.abs(out_torch).max())
+            diff = float(np.abs(out_ours - out_torch).max())
+            entry = {"max_abs_diff": diff, "output_scale": scale, "rel_diff": diff / scale,
+                     "tolerance": TOLERANCE[name]}
+            if name == "fp32":
+                ref32 = out_torch
+            elif ref32 is not None:
+                # How far each bf16 model is from the fp32 reference: ours should be no worse than diffusers'.
+                entry["turbojax_vs_fp32_ref"] = float(np.abs(out_ours - ref32).max() / np.abs(ref32).max())
+                entry["diffusers_vs_fp32_ref"] = float(np.abs(out_torch - ref32).max() / np.abs(ref32).max())
+            entry["ok"] = entry["rel_diff"] <= TOLERANCE[name]
+            agreement[f"{kind} {name}"] = entry
 
     # Measure the matmul peak again after the models and keep the better of the two, so that a contended moment
     # at the start cannot deflate the peak (and inflate the "% of peak" column).
@@ -294,7 +346,7 @@ def main(argv=None) -> int:
     print(f"\nforward time ({args.iters} alternating runs after {args.warmup} warm-up; GFLOP/s and % of peak use the "
           "best run; peak = best measured matmul rate at the same dtype; speed-up = diffusers ms / impl ms):")
     print(fmt_table(rows))
-    noisy = [f"{r['impl']} {r['dtype']}" for r in rows if r["median_ms"] > NOISY * r["best_ms"]]
+    noisy = [f"{r['model']} {r['impl']} {r['dtype']}" for r in rows if r["median_ms"] > NOISY * r["best_ms"]]
     if noisy:
         print(f"warning: median > {NOISY}x best for {', '.join(noisy)}: the host was contended during the run, "
               "trust the best-run figures (or rerun)")
@@ -311,12 +363,11 @@ def main(argv=None) -> int:
 
     if args.json_out:
         report = {"config": {k: v for k, v in vars(args).items() if k != "json_out"},
-                  "model": {"layers": cfg.num_layers, "heads": cfg.num_attention_heads,
-                            "head_dim": cfg.attention_head_dim, "joint_attention_dim": cfg.joint_attention_dim,
+                  "shape": {"layers": args.layers, "heads": args.heads, "head_dim": args.head_dim,
                             "image_tokens": h * w, "text_tokens": args.text_tokens},
                   "versions": {"jax": jax.__version__, "torch": torch.__version__},
                   "torch_threads": torch.get_num_threads(),
-                  "flops": fl, "matmul_peaks": peaks, "results": rows, "agreement": agreement, "total_s": total_s}
+                  "flops": flops, "matmul_peaks": peaks, "results": rows, "agreement": agreement, "total_s": total_s}
         Path(args.json_out).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json_out}")
     return 0 if all(e["ok"] for e in agreement.values()) else 1
