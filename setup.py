@@ -17,6 +17,7 @@ setup(
         "transformers>=4.57",
         "tqdm",
         "pillow",
+        "absl-py",
         "numpy>=2",
     ],
     extras_require={
