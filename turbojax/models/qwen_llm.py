@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from turbojax.nn.attention import attention
-from turbojax.nn.layers import Linear, RMSNorm
+from turbojax.nn.layers import Linear, RMSNorm, SwiGLU
 from turbojax.nn.remat import remat_policy
 
 
@@ -237,20 +237,6 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
 
-class MLP(nnx.Module):
-    """SwiGLU: `down(silu(gate(x)) * up(x))`, no biases."""
-
-    def __init__(self, cfg: QwenLLMConfig, *, rngs, param_dtype, dtype):
-        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype, use_bias=False)
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
-        self.up_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
-        self.down_proj = Linear(f, d, axes=("mlp", "embed"), **kw)
-
-    def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class SelfAttention(nnx.Module):
     def __init__(self, cfg: QwenLLMConfig, *, rngs, param_dtype, dtype, impl: str):
         d, hd = cfg.hidden_size, cfg.head_dim
@@ -285,7 +271,7 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
         self.self_attn = SelfAttention(cfg, impl=impl, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
-        self.mlp = MLP(cfg, **kw)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, **kw)
 
     def __call__(self, h, key_mask, cos, sin):
         h = h + self.self_attn(self.input_layernorm(h), key_mask, cos, sin)

@@ -31,9 +31,9 @@ def _layer(qk_norm: bool) -> tuple[Module, ...]:
         ("self_attn.k_proj", t + "self_attn.k_proj"),
         ("self_attn.v_proj", t + "self_attn.v_proj"),
         ("self_attn.o_proj", t + "self_attn.o_proj"),
-        ("mlp.gate_proj", t + "mlp.gate_proj"),
-        ("mlp.up_proj", t + "mlp.up_proj"),
-        ("mlp.down_proj", t + "mlp.down_proj"),
+        ("mlp.gate", t + "mlp.gate_proj"),
+        ("mlp.up", t + "mlp.up_proj"),
+        ("mlp.down", t + "mlp.down_proj"),
     ]) + (Module("input_layernorm", t + "input_layernorm", "norm"),
           Module("post_attention_layernorm", t + "post_attention_layernorm", "norm"))
     if qk_norm:

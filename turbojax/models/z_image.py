@@ -29,7 +29,7 @@ from flax import nnx
 
 from turbojax.nn.blocks import run_blocks
 from turbojax.nn.attention import attention
-from turbojax.nn.layers import Linear, RMSNorm, layer_norm
+from turbojax.nn.layers import Linear, RMSNorm, SwiGLU, layer_norm
 from turbojax.nn.remat import remat_policy
 from turbojax.nn.rope import apply_rope, rope_angles_f64
 
@@ -247,19 +247,6 @@ def _pad_rows(rows: jax.Array, total: int) -> jax.Array:
 # Modules
 # --------------------------------------------------------------------------------------------------------------
 
-class FeedForward(nnx.Module):
-    """SwiGLU `w2(SiLU(w1 x) * w3 x)`, no biases."""
-
-    def __init__(self, dim: int, hidden: int, *, rngs, param_dtype, dtype):
-        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype, use_bias=False)
-        self.w1 = Linear(dim, hidden, axes=("embed", "mlp"), **kw)
-        self.w2 = Linear(hidden, dim, axes=("mlp", "embed"), **kw)
-        self.w3 = Linear(dim, hidden, axes=("embed", "mlp"), **kw)
-
-    def __call__(self, x):
-        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
-
-
 class SelfAttention(nnx.Module):
     """Bias-free q/k/v/out projections, QK-RMSNorm over the head dim, RoPE on q and k."""
 
@@ -293,7 +280,7 @@ class ZImageBlock(nnx.Module):
         d = cfg.dim
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.attention = SelfAttention(cfg, impl=impl, **kw)
-        self.feed_forward = FeedForward(d, cfg.ffn_dim, **kw)
+        self.feed_forward = SwiGLU(d, cfg.ffn_dim, **kw)
         norm = dict(eps=cfg.norm_eps, axes=("embed",), **kw)
         self.attention_norm1, self.attention_norm2 = RMSNorm(d, **norm), RMSNorm(d, **norm)
         self.ffn_norm1, self.ffn_norm2 = RMSNorm(d, **norm), RMSNorm(d, **norm)

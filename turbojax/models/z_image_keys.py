@@ -30,9 +30,9 @@ def _block(stack: str) -> tuple[Module, ...]:
         ("attention.to_k", t + "attention.to_k"),
         ("attention.to_v", t + "attention.to_v"),
         ("attention.to_out", t + "attention.to_out.0"),
-        ("feed_forward.w1", t + "feed_forward.w1"),
-        ("feed_forward.w2", t + "feed_forward.w2"),
-        ("feed_forward.w3", t + "feed_forward.w3"),
+        ("feed_forward.gate", t + "feed_forward.w1"),
+        ("feed_forward.down", t + "feed_forward.w2"),
+        ("feed_forward.up", t + "feed_forward.w3"),
     ]) + tuple(Module(n, t + n, "norm") for n in (
         "attention.norm_q", "attention.norm_k", "attention_norm1", "attention_norm2", "ffn_norm1", "ffn_norm2"))
     if _MODULATED[stack]:  # context_refiner blocks have no adaLN_modulation

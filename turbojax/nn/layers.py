@@ -39,6 +39,20 @@ class Linear(nnx.Module):
         return y.astype(self.dtype)
 
 
+class SwiGLU(nnx.Module):
+    """`down(SiLU(gate(x)) * up(x))` without biases (Qwen2/Qwen3 `mlp`, Z-Image `feed_forward`: w1=gate, w3=up,
+    w2=down); the key tables map these names to each checkpoint's."""
+
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32):
+        kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype, use_bias=False)
+        self.gate = Linear(dim, hidden, axes=("embed", "mlp"), **kw)
+        self.up = Linear(dim, hidden, axes=("embed", "mlp"), **kw)
+        self.down = Linear(hidden, dim, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
 class RMSNorm(nnx.Module):
     """diffusers/transformers RMSNorm: statistics in fp32, scaled by a learned weight (`scale`)."""
 
