@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from gemm_floor import gemm_floor, qwen_image_gemms, z_image_gemms  # noqa: E402
 from turbojax.convert.params import load_into  # noqa: E402
 from turbojax.models.registry import config_from_dict, get_family  # noqa: E402
 
@@ -46,7 +47,8 @@ DTYPES = {"fp32": (jnp.float32, torch.float32), "bf16": (jnp.bfloat16, torch.bfl
 # Agreement bounds relative to the output scale: fp32 must match to round-off (the parity tests use 1e-4); bf16 only
 # has an 8-bit mantissa and both models round differently inside every op, so a few percent is the expected spread.
 TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
-NOISY = 1.25  # median/best ratio above which the timings are flagged as disturbed
+NOISY = 1.25
+TARGETS = {"fp32": 1.25, "bf16": 2.5}  # issue targets: turbojax speed-up over diffusers  # median/best ratio above which the timings are flagged as disturbed
 
 
 def parse_args(argv=None):
@@ -67,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--scan-layers", type=int, choices=(0, 1), default=1,
                    help="1 (model default): blocks stacked and run with lax.scan; 0: one jitted block per layer")
     p.add_argument("--matmul-size", type=int, default=2048)
+    p.add_argument("--gemm-floor", type=int, choices=(0, 1), default=1,
+                   help="1: also time every GEMM shape of the forward alone (see bench/gemm_floor.py)")
     p.add_argument("--json", dest="json_out", default=None, help="write all figures to this JSON file")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -295,7 +299,7 @@ def main(argv=None) -> int:
     from turbojax.nn.attention import resolve_impl
     print(f"turbojax: attention_impl={args.attention_impl} (-> {resolve_impl(args.attention_impl)}), "
           f"scan_layers={bool(args.scan_layers)}")
-    rows, agreement, flops, h, w = [], {}, {}, *grid(args.tokens)
+    rows, agreement, flops, floors, h, w = [], {}, {}, {}, *grid(args.tokens)
     for kind in args.models:
         tm, sd, fam, cfg = build_models(args, kind)
         inputs = make_inputs(args, cfg, kind)
@@ -329,6 +333,11 @@ def main(argv=None) -> int:
                 entry["diffusers_vs_fp32_ref"] = float(np.abs(out_torch - ref32).max() / np.abs(ref32).max())
             entry["ok"] = entry["rel_diff"] <= TOLERANCE[name]
             agreement[f"{kind} {name}"] = entry
+            if args.gemm_floor:
+                shapes = (z_image_gemms if kind == "z_image" else qwen_image_gemms)(cfg, args.batch, h * w,
+                                                                                    args.text_tokens)
+                floors[f"{kind} {name}"] = {**gemm_floor(shapes, *DTYPES[name], iters=args.iters),
+                                            "diffusers_ms": res_torch["best_ms"], "turbojax_ms": res_ours["best_ms"]}
 
     # Measure the matmul peak again after the models and keep the better of the two, so that a contended moment
     # at the start cannot deflate the peak (and inflate the "% of peak" column).
@@ -350,6 +359,18 @@ def main(argv=None) -> int:
     if noisy:
         print(f"warning: median > {NOISY}x best for {', '.join(noisy)}: the host was contended during the run, "
               "trust the best-run figures (or rerun)")
+    if floors:
+        print("\nGEMM floor (every matrix product of one forward timed alone, best of "
+              f"{args.iters}, summed; ceiling = diffusers forward / JAX GEMM floor = the largest speed-up any JAX "
+              "forward could reach here if everything but its GEMMs were free):")
+        for name, f in floors.items():
+            f["ceiling"] = f["diffusers_ms"] / f["jax_ms"]
+            f["turbojax_non_gemm_ms"] = f["turbojax_ms"] - f["jax_ms"]
+            f["diffusers_non_gemm_ms"] = f["diffusers_ms"] - f["torch_ms"]
+            print(f"  {name}: JAX GEMMs {f['jax_ms']:.1f} ms, torch GEMMs {f['torch_ms']:.1f} ms; forward "
+                  f"turbojax {f['turbojax_ms']:.1f} ms ({f['turbojax_non_gemm_ms']:+.1f} ms beyond its GEMMs), "
+                  f"diffusers {f['diffusers_ms']:.1f} ms ({f['diffusers_non_gemm_ms']:+.1f} ms); ceiling "
+                  f"{f['ceiling']:.2f}x (target {TARGETS[name.split()[-1]]}x)")
     print("\noutput agreement (turbojax vs diffusers, same dtype; rel = max abs diff / max |diffusers output|):")
     for name, e in agreement.items():
         extra = ""
@@ -367,7 +388,7 @@ def main(argv=None) -> int:
                             "image_tokens": h * w, "text_tokens": args.text_tokens},
                   "versions": {"jax": jax.__version__, "torch": torch.__version__},
                   "torch_threads": torch.get_num_threads(),
-                  "flops": flops, "matmul_peaks": peaks, "results": rows, "agreement": agreement, "total_s": total_s}
+                  "flops": flops, "matmul_peaks": peaks, "gemm_floor": floors, "results": rows, "agreement": agreement, "total_s": total_s}
         Path(args.json_out).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json_out}")
     return 0 if all(e["ok"] for e in agreement.values()) else 1
