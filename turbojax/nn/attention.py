@@ -86,22 +86,37 @@ def _chunked_attention(q, k, v, key_mask, scale, q_block: int | None = None, kv_
     q, k, v = _pad_seq(q, nq * bq), _pad_seq(k, nk * bk), _pad_seq(v, nk * bk)
     in_dtypes = q.dtype, k.dtype, v.dtype
     q, k, v = _as_bits(q), _as_bits(k), _as_bits(v)
+    # fp32 inputs: scale q ([bq, D]) instead of the logits ([bq, bk]) and mask with an additive per-key bias (0 to
+    # keep, the reference's fill `neg` for masked keys, -inf for padding) instead of a select. XLA:CPU then fuses
+    # scale, mask, max and exp into the logits GEMM, one pass less over every block (~25% faster for a single
+    # 32-wide head as in the VAE). Pre-scaling is a round-off change and `s + neg` rounds to `neg` for any
+    # |s| < 1e31, so results match the reference to fp32 round-off. Half-precision inputs keep the reference's order
+    # (logits scaled after the product) and the select, which is faster there (measured: bf16 ~30% slower with the
+    # bias). Causal masks (decoder LLMs, off the hot path) always use selects, so that a row whose keys are all
+    # masked stays finite and averages its keys exactly like the reference.
+    fused = in_dtypes[0] == f32 and not causal
     keep = jnp.ones((b, sk), bool) if key_mask is None else key_mask.astype(bool)
-    keep = _pad_seq(keep, nk * bk)
     padded = nk * bk != sk
+    bias = None
+    if fused and (key_mask is not None or padded):
+        bias = jnp.concatenate([jnp.where(keep, f32(0), neg), jnp.full((b, nk * bk - sk), -jnp.inf, f32)], axis=1)
+    keep = _pad_seq(keep, nk * bk)
     fill = jnp.where(jnp.arange(nk * bk) < sk, neg, -jnp.inf).astype(f32)
 
     def scores_and_values(bi, hi, qi, start, q_start):
         """fp32 logits `[bq, bk]` (masked) of the query block at `q_start` against the key block at `start`."""
         ki = _from_bits(lax.dynamic_slice(k, (bi, start, hi, 0), (1, bk, 1, d)).reshape(bk, d), in_dtypes[1])
         vi = _from_bits(lax.dynamic_slice(v, (bi, start, hi, 0), (1, bk, 1, dv)).reshape(bk, dv), in_dtypes[2])
-        keep_i = lax.dynamic_slice(keep, (bi, start), (1, bk))[0]
-        s = lax.dot_general(qi, ki, (((1,), (1,)), ((), ())), preferred_element_type=f32) * scale
-        if causal:  # same fill as the reference; padded keys still get -inf below
+        s = lax.dot_general(qi, ki, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+        if fused:
+            return (s if bias is None else s + lax.dynamic_slice(bias, (bi, start), (1, bk))), vi
+        s = s * scale
+        if causal:
             s = jnp.where(start + jnp.arange(bk)[None, :] <= q_start + jnp.arange(bq)[:, None], s, neg)
         if key_mask is None and not padded:
             return s, vi
         # A scalar fill keeps this select fusable into the logits GEMM; the per-key fill is only for padding.
+        keep_i = lax.dynamic_slice(keep, (bi, start), (1, bk))[0]
         fill_i = lax.dynamic_slice_in_dim(fill, start, bk)[None, :] if padded else neg
         return jnp.where(keep_i[None, :], s, fill_i), vi
 
@@ -111,6 +126,8 @@ def _chunked_attention(q, k, v, key_mask, scale, q_block: int | None = None, kv_
     def one_block(i, out):
         bi, hi, qb = i // (h * nq), (i // nq) % h, i % nq
         qi = _from_bits(lax.dynamic_slice(q, (bi, qb * bq, hi, 0), (1, bq, 1, d)).reshape(bq, d), in_dtypes[0])
+        if fused:
+            qi = qi * scale
         if nk == 1:  # whole key range at once: plain softmax, no rescaling
             s, vi = scores_and_values(bi, hi, qi, 0, qb * bq)
             p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
