@@ -11,6 +11,7 @@ new prompts of the same batch size and bucketed length reuse the compiled code.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from flax import nnx
 
 from turbojax import models, sampling, schedules, text
 
@@ -94,15 +97,18 @@ class Text2ImagePipeline:
                                        cfg_truncation=cfg_truncation)
 
     def decode(self, latents, *, height: int, width: int, tiled: bool | None = None) -> np.ndarray:
-        """Diffusion-space latents -> uint8 images `[B, H, W, 3]` (diffusers' postprocess: (x/2+0.5), round)."""
-        if self.family == "qwen_image":
-            z = sampling.unpack_latents(latents, height, width)[:, :, 0]  # [B, C, h, w]
-        else:
-            z = jnp.asarray(latents)
-        z = self.vae.denormalize_latents(z.astype(jnp.float32), axis=1).astype(self.vae.dtype)
-        img = self.vae.decode_nhwc(jnp.transpose(z, (0, 2, 3, 1)), tiled=tiled)
-        img = np.asarray(jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0))
-        return (img * 255).round().astype(np.uint8)
+        """Diffusion-space latents -> uint8 images `[B, H, W, 3]` (diffusers' postprocess: (x/2+0.5), round).
+
+        Untiled, the whole stage (unpacking, latent de-normalisation, VAE decode, clamp, quantisation) is one jitted
+        function; tiled, each tile is (see the VAEs' `decode_nhwc`) and the blending runs on the host."""
+        graphdef, state = nnx.split(self.vae)
+        r = VAE_SCALE
+        if tiled is None:
+            tiled = self.vae.wants_tiling(height // r, width // r)
+        if not tiled:
+            return np.asarray(_decode_stage(graphdef, state, latents, self.family, height, width))
+        z = _vae_latents(graphdef, state, latents, self.family, height, width)
+        return np.asarray(_to_uint8(self.vae.decode_nhwc(z, tiled=True)))
 
     # ---- all together ----
     def __call__(self, prompts: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
@@ -188,3 +194,33 @@ def _with_loras(transformer, loras, family):
         except lora.LoraFormatError as e:
             raise PipelineError(f"LoRA {file} does not fit this {family} transformer: {e}") from None
     return lora.apply(transformer, adapters) if adapters else transformer
+
+
+# ---- jitted decode stage (module level so that compiled functions are shared by pipelines and calls) ----
+
+def _latents_nhwc(vae, latents, family: str, height: int, width: int):
+    """Sampler output -> de-normalised NHWC latents in the VAE's dtype."""
+    if family == "qwen_image":
+        z = sampling.unpack_latents(latents, height, width)[:, :, 0]  # [B, C, h, w]
+    else:
+        z = jnp.asarray(latents)
+    z = vae.denormalize_latents(z.astype(jnp.float32), axis=1).astype(vae.dtype)
+    return jnp.transpose(z, (0, 2, 3, 1))
+
+
+def _quantise(img):
+    return jnp.round(jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def _decode_stage(graphdef, state, latents, family: str, height: int, width: int):
+    vae = nnx.merge(graphdef, state)
+    return _quantise(vae.decode_nhwc(_latents_nhwc(vae, latents, family, height, width), tiled=False))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def _vae_latents(graphdef, state, latents, family: str, height: int, width: int):
+    return _latents_nhwc(nnx.merge(graphdef, state), latents, family, height, width)
+
+
+_to_uint8 = jax.jit(_quantise)

@@ -501,6 +501,10 @@ class AutoencoderKL(nnx.Module):
             return fn(x)
         return tiled_apply(fn, x, self._encode_tiling(), (x.shape[1] // r, x.shape[2] // r))
 
+    def wants_tiling(self, latent_height: int, latent_width: int) -> bool:
+        """Whether `decode` tiles latents of this size by default (tiling enabled and larger than one tile)."""
+        return bool(self.use_tiling and max(latent_height, latent_width) > self.tile_latent_min_size)
+
     def decode_nhwc(self, z, *, tiled: bool | None = None) -> jax.Array:
         """NHWC images (not clamped, as in diffusers' AutoencoderKL) from NHWC latents."""
         z = jnp.asarray(z)
@@ -508,7 +512,7 @@ class AutoencoderKL(nnx.Module):
         check_image(z, self.config.latent_channels, 1, "latents")
         fn = jitted(_decode_fn, (self.post_quant_conv, self.decoder))
         if tiled is None:
-            tiled = self.use_tiling and max(z.shape[1:3]) > self.tile_latent_min_size
+            tiled = self.wants_tiling(z.shape[1], z.shape[2])
         if not tiled:
             return fn(z)
         return tiled_apply(fn, z, self._decode_tiling(), (z.shape[1] * r, z.shape[2] * r))

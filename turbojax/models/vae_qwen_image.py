@@ -294,6 +294,11 @@ class AutoencoderKLQwenImage(nnx.Module):
         stride = (self.tile_sample_stride_height, self.tile_sample_stride_width)
         return sample, stride, (sample[0] // r, sample[1] // r), (stride[0] // r, stride[1] // r)
 
+    def wants_tiling(self, latent_height: int, latent_width: int) -> bool:
+        """Whether `decode` tiles latents of this size by default (tiling enabled and larger than one tile)."""
+        ltile = self._geometry()[2]
+        return bool(self.use_tiling and (latent_height > ltile[0] or latent_width > ltile[1]))
+
     # ---- channels-last core ----
     def encode_nhwc(self, x, *, tiled: bool | None = None):
         """Moments `[B, H/8, W/8, 2*z_dim]` (mean | logvar, logvar not yet clamped) of NHWC images."""
@@ -320,7 +325,7 @@ class AutoencoderKLQwenImage(nnx.Module):
         fn = jitted(_decode_fn, (self.post_quant_conv, self.decoder))
         sample, stride, ltile, lstride = self._geometry()
         if tiled is None:
-            tiled = self.use_tiling and (z.shape[1] > ltile[0] or z.shape[2] > ltile[1])
+            tiled = self.wants_tiling(z.shape[1], z.shape[2])
         if not tiled:
             return jnp.clip(fn(z), -1.0, 1.0)
         blend = (sample[0] - stride[0], sample[1] - stride[1])
