@@ -6,10 +6,13 @@
   2. VAE decode at 2048x2048: tiled vs untiled, time and peak host memory (each in its own subprocess, peak RSS
      read from /proc/self/status VmHWM).
 
-Medium config: transformer 4 layers x 8 heads x 64 (joint dim 512), 512x512 images (1024 image tokens); text
-encoder 4 layers, hidden 512 (Qwen2.5-VL layout); Qwen-Image VAE with z_dim 16 and base_dim 8 (`--vae-base-dim`;
-the real VAE has 96). The FLOP proportion of VAE decode to one transformer evaluation, real vs medium, is printed
-from XLA's cost analysis so the end-to-end ratio can be read against the real models.
+Medium config: transformer 8 heads x 64 (joint dim 512), 512x512 images (1024 image tokens); text encoder 4 layers,
+hidden 512 (Qwen2.5-VL layout); Qwen-Image VAE with z_dim 16 and base_dim 8 (`--vae-base-dim`; the real VAE has 96).
+The end-to-end ratio depends on how heavy the VAE decode is next to one transformer evaluation, so the headline
+transformer depth (`--layers proportional`) is the one whose XLA FLOP count per evaluation stands to the medium VAE
+decode as the real 20B's stands to the real VAE at 1328^2 (13.2:1, 15 layers); the 4-layer transformer of
+`bench/forward.py` is run too (`--compare-layers`). The VAE's GFLOP/s at medium and at real width are measured to
+show how far the small-channel medium VAE is from the real one's efficiency. See bench/README.md.
 
 Run:  python bench/pipeline.py [--dtype float32|bfloat16] [--size 512] [--decode-size 2048] [--json out.json]
 """
@@ -61,26 +64,37 @@ MEDIUM_TRANSFORMER = dict(num_layers=4, attention_head_dim=64, num_attention_hea
 
 
 def flop_proportions(args) -> dict:
-    """How heavy the VAE decode is next to one transformer evaluation, real models vs this medium config."""
+    """How heavy the VAE decode is next to one transformer evaluation, real models vs the medium configs, and the
+    transformer depth ("proportional") whose FLOPs per evaluation stand to the medium VAE decode as the real 20B's
+    stand to the real VAE at 1328^2."""
+    import math
+
     from turbojax.models.qwen_image import QWEN_IMAGE_20B, QwenImageConfig
     from turbojax.models.vae_qwen_image import QWEN_IMAGE_VAE, QwenImageVAEConfig
     real_t, real_v = transformer_flops(QWEN_IMAGE_20B, 1328, 100), vae_decode_flops(QWEN_IMAGE_VAE, 1328)
-    med_t = transformer_flops(QwenImageConfig(**MEDIUM_TRANSFORMER), args.size)
     med_v = vae_decode_flops(QwenImageVAEConfig(base_dim=args.vae_base_dim, z_dim=16), args.size)
-    out = dict(real_transformer=real_t, real_vae=real_v, medium_transformer=med_t, medium_vae=med_v)
+    one, two = (transformer_flops(QwenImageConfig(**{**MEDIUM_TRANSFORMER, "num_layers": n}), args.size)
+                for n in (1, 2))
+    per_layer, stem = two - one, 2 * one - two
+    proportional = max(1, math.ceil((real_t / real_v * med_v - stem) / per_layer))
+    out = dict(real_transformer=real_t, real_vae=real_v, medium_vae=med_v, proportional_layers=proportional,
+               medium_transformer={n: stem + n * per_layer for n in sorted({proportional, *args.compare_layers})})
     print(f"FLOPs per transformer eval / VAE decode: real 20B + VAE at 1328^2 {real_t:.3g} / {real_v:.3g} "
-          f"({real_t / real_v:.1f}:1); medium at {args.size}^2 {med_t:.3g} / {med_v:.3g} ({med_t / med_v:.1f}:1)",
-          flush=True)
+          f"({real_t / real_v:.1f}:1)", flush=True)
+    for n, t in out["medium_transformer"].items():
+        tag = " (proportional: the real ratio)" if n == proportional else ""
+        print(f"  medium at {args.size}^2, {n} layers: {t:.3g} / {med_v:.3g} ({t / med_v:.1f}:1){tag}", flush=True)
     return out
 
 
-def medium_components(dtype, attention_impl="auto", vae_base_dim=8):
+def medium_components(dtype, attention_impl="auto", vae_base_dim=8, layers=4):
     from flax import nnx
 
     from turbojax.models.qwen_image import QwenImageConfig, QwenImageTransformer
     from turbojax.models.qwen_llm import Qwen2_5_VLTextConfig, QwenLLM
     kw = dict(param_dtype=dtype, dtype=dtype, attention_impl=attention_impl)
-    transformer = QwenImageTransformer(QwenImageConfig(**MEDIUM_TRANSFORMER), rngs=nnx.Rngs(0), **kw)
+    transformer = QwenImageTransformer(QwenImageConfig(**{**MEDIUM_TRANSFORMER, "num_layers": layers}),
+                                       rngs=nnx.Rngs(0), **kw)
     llm = QwenLLM(Qwen2_5_VLTextConfig(vocab_size=512, hidden_size=512, intermediate_size=1024,
                                        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
                                        head_dim=64, mrope_section=(8, 12, 12)), rngs=nnx.Rngs(1), **kw)
@@ -96,7 +110,7 @@ def medium_vae(attention_impl="auto", base_dim=8):
                                   attention_impl=attention_impl)
 
 
-def bench_presets(args) -> dict:
+def bench_presets(args, layers: int) -> dict:
     import jax.numpy as jnp
 
     from turbojax import schedules
@@ -104,7 +118,8 @@ def bench_presets(args) -> dict:
     from turbojax.testing import tiny_qwen_tokenizer
 
     dtype = jnp.dtype(args.dtype)
-    transformer, llm, vae = medium_components(dtype, vae_base_dim=args.vae_base_dim)
+    transformer, llm, vae = medium_components(dtype, vae_base_dim=args.vae_base_dim, layers=layers)
+    print(f"-- transformer {layers} layers", flush=True)
     tok = tiny_qwen_tokenizer([PROMPT], vocab_size=400)
     pipe = Text2ImagePipeline("qwen_image", transformer, vae, llm, tok, schedules.QWEN_IMAGE, name="medium")
     presets = {
@@ -132,6 +147,36 @@ def bench_presets(args) -> dict:
           f"{tr:.1f}x", flush=True)
     results["speedup_end_to_end"], results["speedup_transformer"] = ratio, tr
     return results
+
+
+def vae_efficiency(args, flops: dict) -> dict:
+    """GFLOP/s of the VAE decode at the medium width and at the real width (base 96, random weights, decoded at
+    `--efficiency-size`), against the transformer's: tells whether the medium VAE runs as efficiently as the real
+    one, i.e. whether its share of the medium pipeline's time stands for the real pipeline's."""
+    import jax
+    import jax.numpy as jnp
+
+    from turbojax.models.vae_qwen_image import QWEN_IMAGE_VAE
+
+    def rate(base_dim, size, model_flops):
+        vae = medium_vae(base_dim=base_dim)
+        z = jax.random.normal(jax.random.key(0), (1, size // 8, size // 8, vae.config.z_dim), jnp.float32)
+        jax.block_until_ready(vae.decode_nhwc(z, tiled=False))
+        best = float("inf")
+        for _ in range(args.iters):
+            t0 = time.perf_counter()
+            jax.block_until_ready(vae.decode_nhwc(z, tiled=False))
+            best = min(best, time.perf_counter() - t0)
+        return {"seconds": best, "gflops": model_flops / best / 1e9}
+
+    real_size = args.efficiency_size
+    out = {"medium": rate(args.vae_base_dim, args.size, flops["medium_vae"]),
+           "real_width": rate(QWEN_IMAGE_VAE.base_dim, real_size,
+                              flops["real_vae"] * (real_size / 1328) ** 2)}  # conv FLOPs scale with the pixels
+    print(f"VAE decode efficiency: medium (base {args.vae_base_dim}, {args.size}^2) {out['medium']['gflops']:.0f} "
+          f"GFLOP/s; real width (base {QWEN_IMAGE_VAE.base_dim}, {real_size}^2) {out['real_width']['gflops']:.0f} "
+          f"GFLOP/s ({out['real_width']['seconds']:.2f} s)", flush=True)
+    return out
 
 
 def decode_child(mode: str, size: int, tile: int, base_dim: int) -> None:
@@ -169,20 +214,44 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--layers", default="proportional",
+                   help="transformer depth for the headline comparison: an integer, or 'proportional' (default): "
+                        "the depth whose FLOPs per evaluation stand to the VAE decode as in the real models")
+    p.add_argument("--compare-layers", default="4",
+                   help="comma-separated further depths to run the presets at (default 4, the forward benchmark's "
+                        "medium transformer); empty for none")
     p.add_argument("--decode-size", type=int, default=2048)
     p.add_argument("--tile", type=int, default=512, help="tile size in pixels for the tiled decode")
     p.add_argument("--vae-base-dim", type=int, default=8,
-                   help="medium VAE width (the real Qwen-Image VAE has 96); 8 keeps the VAE/transformer FLOP "
-                        "proportion closer to the real models than a wider one (see the FLOP line printed)")
+                   help="medium VAE width (the real Qwen-Image VAE has 96)")
+    p.add_argument("--efficiency-size", type=int, default=256,
+                   help="image size of the real-width VAE decode timed for the efficiency line (0 to skip)")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--decode-child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.decode_child:
         return decode_child(args.decode_child, args.decode_size, args.tile, args.vae_base_dim)
+    try:
+        args.compare_layers = [int(x) for x in args.compare_layers.split(",") if x.strip()]
+        layers = None if args.layers == "proportional" else int(args.layers)
+    except ValueError:
+        p.error(f"--layers takes an integer or 'proportional' and --compare-layers integers, got {args.layers!r} "
+                f"and {args.compare_layers!r}")
     import jax
     print(f"device: {jax.devices()[0].device_kind}, dtype {args.dtype}", flush=True)
-    results = {"flops": flop_proportions(args), "presets": bench_presets(args)}
+    flops = flop_proportions(args)
+    layers = layers or flops["proportional_layers"]
+    results = {"flops": flops, "headline_layers": layers, "presets": {}}
+    for n in [layers] + [c for c in args.compare_layers if c != layers]:
+        results["presets"][n] = bench_presets(args, n)
+    if args.efficiency_size:
+        results["vae_efficiency"] = vae_efficiency(args, flops)
+    head = results["presets"][layers]
+    print(f"\nheadline ({layers} layers): 2-step preset {head['speedup_end_to_end']:.1f}x faster end to end than "
+          "the 50-step true-CFG preset (target >= 40x)"
+          + "".join(f"; {n} layers: {r['speedup_end_to_end']:.1f}x" for n, r in results["presets"].items()
+                    if n != layers), flush=True)
     if not args.skip_decode:
         results["decode"] = bench_decode(args)
     if args.json:
