@@ -23,17 +23,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
-import shutil
 import struct
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
+
+from turbojax.convert.atomic import atomic_output_dir, commit_file as _commit
 
 __all__ = [
     "DEFAULT_INDEX_NAME", "SafetensorsError", "SafetensorsFile", "SafetensorsFolder", "atomic_output_dir",
@@ -475,23 +474,6 @@ def _write_tensor(f, path, t: _Planned, arr) -> None:
         del chunk
 
 
-def _commit(path: Path, write: Callable[[Any], None]) -> Path:
-    """Write through a new temp file next to `path` (same filesystem, so the final os.replace is atomic), fsync,
-    rename; on any error the temp file is removed and `path` is untouched. Mode 0o666 lets the umask apply."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_safetensors(path, tensors, metadata: Mapping[str, str] | None = None, *, progress: bool = False,
                       desc: str | None = None) -> Path:
     """Write a safetensors file atomically, calling each producer once, in file order, one tensor in memory.
@@ -583,43 +565,3 @@ def write_sharded(folder, layout: Mapping[str, Sequence[str]], tensors, *, metad
     if index is not None and index is not False:
         written.append(write_index_json(folder / index_name, index))
     return written
-
-
-@contextmanager
-def atomic_output_dir(dst, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh sibling temp dir; on success it becomes `dst`, on error it is deleted and `dst` is untouched.
-
-    An existing non-empty `dst` is an error unless `overwrite`, in which case it is replaced only once the new
-    folder is complete (moved aside, the new one renamed in, then the old one deleted).
-    """
-    dst = Path(dst)
-
-    def check():
-        if dst.exists() and not dst.is_dir():
-            raise FileExistsError(f"{dst} exists and is not a folder; refusing to replace it")
-        if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-            raise FileExistsError(f"{dst} already exists and is not empty; pass overwrite=True to replace it")
-
-    check()  # fail before any expensive work
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{secrets.token_hex(4)}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        check()  # dst may have appeared while we were writing
-        if dst.is_dir() and not any(dst.iterdir()):
-            dst.rmdir()
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{secrets.token_hex(4)}")
-            os.replace(dst, old)
-            try:
-                os.replace(tmp, dst)
-            except BaseException:
-                os.replace(old, dst)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
