@@ -22,7 +22,7 @@ from flax import nnx
 
 from turbojax.nn.attention import attention
 from turbojax.nn.layers import Linear, RMSNorm, layer_norm, timestep_sinusoid
-from turbojax.nn.blocks import run_blocks
+from turbojax.nn.blocks import make_blocks, run_blocks
 from turbojax.nn.remat import remat_policy
 from turbojax.nn.rope import apply_rope, rope_angles
 
@@ -219,15 +219,8 @@ class QwenImageTransformer(nnx.Module):
         self.time_linear_1 = Linear(256, d, axes=("freq", "embed"), **kw)
         self.time_linear_2 = Linear(d, d, axes=("embed", "embed_out"), **kw)
         block_kw = dict(param_dtype=param_dtype, dtype=dtype, impl=attention_impl)
-        if scan_layers:
-            @nnx.split_rngs(splits=cfg.num_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0)
-            def make_blocks(r):
-                return DualStreamBlock(cfg, rngs=r, **block_kw)
-            self.transformer_blocks = make_blocks(rngs)
-        else:
-            self.transformer_blocks = nnx.List(
-                [DualStreamBlock(cfg, rngs=rngs, **block_kw) for _ in range(cfg.num_layers)])
+        self.transformer_blocks = make_blocks(lambda r: DualStreamBlock(cfg, rngs=r, **block_kw), cfg.num_layers,
+                                              rngs, scan=scan_layers)
         self.norm_out = Linear(d, 2 * d, axes=("embed", "mod"), **kw)
         self.proj_out = Linear(d, cfg.out_dim, axes=("embed", "patch"), **kw)
 

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 
 from turbojax.nn.attention import attention
+from turbojax.nn.blocks import make_blocks
 from turbojax.nn.layers import Linear, RMSNorm, SwiGLU
 from turbojax.nn.remat import remat_policy
 
@@ -304,15 +305,8 @@ class QwenLLM(nnx.Module):
         remat_policy(remat)  # validate the name early
         kw = dict(param_dtype=param_dtype, dtype=dtype)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw)
-        if scan_layers:
-            @nnx.split_rngs(splits=cfg.num_hidden_layers)
-            @nnx.vmap(in_axes=(0,), out_axes=0)
-            def make_layers(r):
-                return DecoderLayer(cfg, rngs=r, impl=attention_impl, **kw)
-            self.layers = make_layers(rngs)
-        else:
-            self.layers = nnx.List([DecoderLayer(cfg, rngs=rngs, impl=attention_impl, **kw)
-                                    for _ in range(cfg.num_hidden_layers)])
+        self.layers = make_blocks(lambda r: DecoderLayer(cfg, rngs=r, impl=attention_impl, **kw),
+                                  cfg.num_hidden_layers, rngs, scan=scan_layers)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, **kw)
 
     @property

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from turbojax.nn.blocks import run_blocks
+from turbojax.nn.blocks import make_blocks, run_blocks
 from turbojax.nn.attention import attention
 from turbojax.nn.layers import Linear, RMSNorm, SwiGLU, layer_norm
 from turbojax.nn.remat import remat_policy
@@ -433,13 +433,7 @@ def _as_list(v, ndim: int, name: str) -> list[jax.Array]:
 
 
 def _block_stack(cfg: ZImageConfig, n: int, modulated: bool, scan: bool, rngs, block_kw):
-    if scan:
-        @nnx.split_rngs(splits=n)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make_blocks(r):
-            return ZImageBlock(cfg, modulated=modulated, rngs=r, **block_kw)
-        return make_blocks(rngs)
-    return nnx.List([ZImageBlock(cfg, modulated=modulated, rngs=rngs, **block_kw) for _ in range(n)])
+    return make_blocks(lambda r: ZImageBlock(cfg, modulated=modulated, rngs=r, **block_kw), n, rngs, scan=scan)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
