@@ -10,7 +10,7 @@ Medium config: transformer 8 heads x 64 (joint dim 512), 512x512 images (1024 im
 hidden 512 (Qwen2.5-VL layout); Qwen-Image VAE with z_dim 16 and base_dim 8 (`--vae-base-dim`; the real VAE has 96).
 The end-to-end ratio depends on how heavy the VAE decode is next to one transformer evaluation, so the headline
 transformer depth (`--layers proportional`) is the one whose XLA FLOP count per evaluation stands to the medium VAE
-decode as the real 20B's stands to the real VAE at 1328^2 (13.2:1, 15 layers); the 4-layer transformer of
+decode as the real 20B's stands to the real VAE at 1328^2 (15.6:1, 17 layers); the 4-layer transformer of
 `bench/forward.py` is run too (`--compare-layers`). The VAE's GFLOP/s at medium and at real width are measured to
 show how far the small-channel medium VAE is from the real one's efficiency. See bench/README.md.
 
@@ -32,14 +32,16 @@ PROMPT = "a red fox sitting in fresh snow under a pine tree, morning light, phot
 
 
 def transformer_flops(cfg, size: int, text_len: int = 64) -> float:
-    """XLA's FLOP count of one transformer forward (blocks unrolled so the count covers every layer)."""
+    """XLA's FLOP count of one transformer forward."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from turbojax.models.qwen_image import QwenImageTransformer
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: QwenImageTransformer(cfg, rngs=nnx.Rngs(0),
-                                                                            scan_layers=False)))
+    # Reference attention and unrolled blocks: XLA's cost analysis counts a while-loop body once, so a scan over
+    # layers or the chunked attention's loops would leave most of the FLOPs out.
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: QwenImageTransformer(cfg, rngs=nnx.Rngs(0), scan_layers=False,
+                                                                            attention_impl="xla")))
     n = (size // 16) ** 2
     fn = jax.jit(lambda s, x, c, t: nnx.merge(graphdef, s).forward(x, c, None, t, ((1, size // 16, size // 16),)))
     sds = jax.ShapeDtypeStruct
@@ -53,7 +55,9 @@ def vae_decode_flops(cfg, size: int) -> float:
     from flax import nnx
 
     from turbojax.models.vae_qwen_image import AutoencoderKLQwenImage
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: AutoencoderKLQwenImage(cfg, rngs=nnx.Rngs(0))))
+    # Reference attention: the chunked one loops, and XLA's cost analysis counts a loop body once.
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: AutoencoderKLQwenImage(cfg, rngs=nnx.Rngs(0),
+                                                                              attention_impl="xla")))
     fn = jax.jit(lambda s, z: nnx.merge(graphdef, s).decode_nhwc(z, tiled=False))
     return fn.lower(state, jax.ShapeDtypeStruct((1, size // 8, size // 8, cfg.z_dim), jnp.float32)
                     ).cost_analysis()["flops"]
@@ -171,8 +175,7 @@ def vae_efficiency(args, flops: dict) -> dict:
 
     real_size = args.efficiency_size
     out = {"medium": rate(args.vae_base_dim, args.size, flops["medium_vae"]),
-           "real_width": rate(QWEN_IMAGE_VAE.base_dim, real_size,
-                              flops["real_vae"] * (real_size / 1328) ** 2)}  # conv FLOPs scale with the pixels
+           "real_width": rate(QWEN_IMAGE_VAE.base_dim, real_size, vae_decode_flops(QWEN_IMAGE_VAE, real_size))}
     print(f"VAE decode efficiency: medium (base {args.vae_base_dim}, {args.size}^2) {out['medium']['gflops']:.0f} "
           f"GFLOP/s; real width (base {QWEN_IMAGE_VAE.base_dim}, {real_size}^2) {out['real_width']['gflops']:.0f} "
           f"GFLOP/s ({out['real_width']['seconds']:.2f} s)", flush=True)
@@ -233,11 +236,13 @@ def main(argv=None):
     if args.decode_child:
         return decode_child(args.decode_child, args.decode_size, args.tile, args.vae_base_dim)
     try:
-        args.compare_layers = [int(x) for x in args.compare_layers.split(",") if x.strip()]
         layers = None if args.layers == "proportional" else int(args.layers)
     except ValueError:
-        p.error(f"--layers takes an integer or 'proportional' and --compare-layers integers, got {args.layers!r} "
-                f"and {args.compare_layers!r}")
+        p.error(f"--layers takes an integer or 'proportional', got {args.layers!r}")
+    try:
+        args.compare_layers = [int(x) for x in args.compare_layers.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--compare-layers takes comma-separated integers, got {args.compare_layers!r}")
     import jax
     print(f"device: {jax.devices()[0].device_kind}, dtype {args.dtype}", flush=True)
     flops = flop_proportions(args)
