@@ -112,6 +112,31 @@ def test_qwen_pipeline_matches_diffusers(qwen, cfg):
 
 
 @pytest.mark.slow
+def test_qwen_pipeline_tiled_decode_matches_diffusers(qwen):
+    """The tiled decode stage (jitted latent prep, tiles, host blending, jitted quantisation) against diffusers'
+    pipeline with its VAE tiling on, same tiles."""
+    from turbojax import pipelines
+    pipe, folder = qwen
+    ours = pipelines.from_diffusers(folder, progress=False)
+    tiles = dict(tile_sample_min_height=32, tile_sample_min_width=32, tile_sample_stride_height=24,
+                 tile_sample_stride_width=24)
+    h, w = 64, 80
+    noise = np.asarray(ours.noise(2, len(PROMPTS), h, w))
+    pipe.vae.enable_tiling(**tiles)
+    try:
+        with torch.no_grad():
+            ref = pipe(list(PROMPTS), height=h, width=w, num_inference_steps=2, latents=torch.tensor(noise),
+                       output_type="np").images
+    finally:
+        pipe.vae.disable_tiling()
+    ours.vae.enable_tiling(**tiles)
+    assert ours.vae.wants_tiling(h // 8, w // 8)
+    compare(ours(PROMPTS, steps=2, width=w, height=h, noise=noise), ref)
+    untiled = ours(PROMPTS, steps=2, width=w, height=h, noise=noise, tiled_decode=False)
+    assert np.abs(untiled.astype(int) - to_uint8(ref).astype(int)).max() > 1  # tiling really changed the image
+
+
+@pytest.mark.slow
 def test_z_image_pipeline_matches_diffusers(zimage):
     from turbojax import pipelines
     pipe, folder = zimage

@@ -20,7 +20,6 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from flax import nnx
 
 from turbojax import models, sampling, schedules, text

@@ -88,7 +88,7 @@ def _chunked_attention(q, k, v, key_mask, scale, q_block: int | None = None, kv_
     q, k, v = _as_bits(q), _as_bits(k), _as_bits(v)
     # fp32 inputs: scale q ([bq, D]) instead of the logits ([bq, bk]) and mask with an additive per-key bias (0 to
     # keep, the reference's fill `neg` for masked keys, -inf for padding) instead of a select. XLA:CPU then fuses
-    # scale, mask, max and exp into the logits GEMM, one pass less over every block (~25% faster for a single
+    # scale, mask, max and exp into the logits GEMM, one pass less over every block (~20% faster for a single
     # 32-wide head as in the VAE). Pre-scaling is a round-off change and `s + neg` rounds to `neg` for any
     # |s| < 1e31, so results match the reference to fp32 round-off. Half-precision inputs keep the reference's order
     # (logits scaled after the product) and the select, which is faster there (measured: bf16 ~30% slower with the
