@@ -123,6 +123,14 @@ def normalize_img_shapes(img_shapes: Any, batch: int) -> tuple[tuple[int, int, i
     return per_sample[0]
 
 
+def check_taps(taps: Sequence[int], num_layers: int) -> tuple[int, ...]:
+    taps = tuple(int(i) for i in taps)
+    bad = [i for i in taps if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"feature taps {bad} out of range: the model has blocks 0..{num_layers - 1}")
+    return taps
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------------------------
@@ -226,8 +234,12 @@ class QwenImageTransformer(nnx.Module):
 
     # ---- pure forward on arrays (traced under jit) ----
     def forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep,
-                img_shapes: tuple[tuple[int, int, int], ...]):
+                img_shapes: tuple[tuple[int, int, int], ...], taps: Sequence[int] = ()):
+        """Output `[B, N, out_dim]`; with `taps` (0-based block indices) returns `(output, features)` where
+        features[j] is the image stream `[B, N, inner_dim]` after `transformer_blocks[taps[j]]` (diffusers' block
+        output `[1]`), for discriminators that read the transformer's features."""
         cfg, dt = self.config, self.dtype
+        taps = check_taps(taps, cfg.num_layers)
         img = self.img_in(hidden_states)
         txt = self.txt_in(self.txt_norm(encoder_hidden_states))
         temb = self.time_linear_2(jax.nn.silu(self.time_linear_1(
@@ -247,11 +259,13 @@ class QwenImageTransformer(nnx.Module):
             key_mask = jnp.concatenate(
                 [encoder_hidden_states_mask.astype(bool), jnp.ones(img.shape[:2], dtype=bool)], axis=1)
 
-        img, txt = run_blocks(self.transformer_blocks, (img, txt), (temb_silu, key_mask, rope),
-                              scan=self.scan_layers, remat=self.remat)
+        res = run_blocks(self.transformer_blocks, (img, txt), (temb_silu, key_mask, rope), scan=self.scan_layers,
+                         remat=self.remat, taps=taps)
+        (img, txt), feats = res if taps else (res, None)
 
         scale, shift = jnp.split(self.norm_out(temb_silu)[:, None, :], 2, axis=-1)
-        return self.proj_out(layer_norm(img, 1e-6) * (1 + scale) + shift)
+        out = self.proj_out(layer_norm(img, 1e-6) * (1 + scale) + shift)
+        return (out, feats) if taps else out
 
     def __call__(self, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None, timestep=None,
                  img_shapes=None, guidance=None, attention_kwargs=None, controlnet_block_samples=None,

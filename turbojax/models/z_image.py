@@ -329,9 +329,15 @@ class ZImageTransformer(nnx.Module):
         self.final_linear = Linear(d, cfg.patch_dim, axes=("embed", "patch"), **kw)
 
     # ---- pure forward on arrays (traced under jit) ----
-    def forward(self, x: Sequence[jax.Array], t: jax.Array, cap_feats: Sequence[jax.Array]) -> list[jax.Array]:
-        """Per-sample latents `[C, F, H, W]`, `t [B]` (= 1 - sigma), per-sample captions `[L_i, cap_feat_dim]`."""
+    def forward(self, x: Sequence[jax.Array], t: jax.Array, cap_feats: Sequence[jax.Array], taps: Sequence[int] = ()):
+        """Per-sample latents `[C, F, H, W]`, `t [B]` (= 1 - sigma), per-sample captions `[L_i, cap_feat_dim]`.
+
+        With `taps` (0-based indices into the main `layers` stack) returns `(outputs, features)`: features[j] holds
+        the image tokens `[B, N_img, dim]` of the unified stream after `layers[taps[j]]` (all samples must then
+        share one latent size)."""
+        from turbojax.models.qwen_image import check_taps
         cfg, dt = self.config, self.dtype
+        taps = check_taps(taps, cfg.n_layers)
         p, pf, c = cfg.patch_size, cfg.f_patch_size, cfg.in_channels
         plan = plan_tokens(cfg, [xi.shape for xi in x], [ci.shape[0] for ci in cap_feats])
 
@@ -363,12 +369,19 @@ class ZImageTransformer(nnx.Module):
             uni = jnp.where(jnp.asarray(plan.uni_valid)[..., None], uni, 0)
         cos, sin = (jnp.asarray(a) for a in plan.uni_rope)
         uni_mask = None if plan.uni_valid.all() else jnp.asarray(plan.uni_valid)
-        (uni,) = run_blocks(self.layers, (uni,), (adaln, uni_mask, cos, sin), scan=self.scan_layers,
-                            remat=self.remat)
+        res = run_blocks(self.layers, (uni,), (adaln, uni_mask, cos, sin), scan=self.scan_layers,
+                         remat=self.remat, taps=taps)
+        (uni,), feats = res if taps else (res, None)
 
         scale = 1.0 + self.final_mod(jax.nn.silu(adaln))[:, None, :]
         out = self.final_linear(layer_norm(uni, 1e-6) * scale)
-        return [unpatchify(out[i, :n], size, c, p, pf) for i, (n, size) in enumerate(zip(plan.n_img, plan.sizes))]
+        outs = [unpatchify(out[i, :n], size, c, p, pf) for i, (n, size) in enumerate(zip(plan.n_img, plan.sizes))]
+        if not taps:
+            return outs
+        if len(set(plan.n_img)) != 1:
+            raise ValueError(f"feature taps need one latent size across the batch, got {sorted(set(plan.sizes))}")
+        # the image rows come first in each sample's unified sequence
+        return outs, [f[:, :plan.n_img[0]] for f in feats]
 
     def __call__(self, x, t, cap_feats, return_dict: bool = True, controlnet_block_samples=None, siglip_feats=None,
                  image_noise_mask=None, patch_size: int = 2, f_patch_size: int = 1,

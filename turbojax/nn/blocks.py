@@ -1,7 +1,7 @@
 """Running a stack of identical blocks: scanned over a stacked `layers` axis, or looped, with optional remat."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
 from flax import nnx
@@ -21,20 +21,27 @@ def make_blocks(make_one: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rn
     return nnx.List([make_one(rngs) for _ in range(n)])
 
 
-def run_blocks(blocks, carry, consts, *, scan: bool, remat: str):
-    """Apply a stack of blocks to `carry`: scanned over the leading `layers` axis, or looped over a list."""
+def run_blocks(blocks, carry, consts, *, scan: bool, remat: str, taps: Sequence[int] = ()):
+    """Apply a stack of blocks to `carry`: scanned over the leading `layers` axis, or looped over a list.
+
+    With `taps` (0-based block indices), also return `[carry[0] after block i for i in taps]` (the feature taps of
+    the distillation discriminators); the scan then emits `carry[0]` of every layer and the taps are gathered."""
     policy = remat_policy(remat)
+    collect = bool(taps)
 
     def make_body(graphdef):
         def body(c, layer_state):
-            return nnx.merge(graphdef, layer_state)(*c, *consts), None
+            out = nnx.merge(graphdef, layer_state)(*c, *consts)
+            return out, (out[0] if collect else None)
         return body if policy is False else jax.checkpoint(body, policy=policy, prevent_cse=not scan)
 
     if scan:
         graphdef, state = nnx.split(blocks)
-        carry, _ = jax.lax.scan(make_body(graphdef), carry, state)
-        return carry
+        carry, ys = jax.lax.scan(make_body(graphdef), carry, state)
+        return (carry, [ys[i] for i in taps]) if collect else carry
+    outs = []
     for block in blocks:
         graphdef, state = nnx.split(block)
-        carry, _ = make_body(graphdef)(carry, state)
-    return carry
+        carry, y = make_body(graphdef)(carry, state)
+        outs.append(y)
+    return (carry, [outs[i] for i in taps]) if collect else carry

@@ -15,6 +15,11 @@ from flax import nnx
 Axes = tuple[str | None, ...]
 
 
+class LoraParam(nnx.Variable):
+    """A LoRA factor attached to a `Linear` for training (unmerged). Not an `nnx.Param`, so the frozen base's state,
+    key tables, exports and shardings never see it; `nnx.split(model, LoraParam, ...)` separates the trainables."""
+
+
 def _param(rngs: nnx.Rngs, init, shape: Sequence[int], dtype, axes: Axes) -> nnx.Param:
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), axes=tuple(axes))
 
@@ -29,13 +34,24 @@ class Linear(nnx.Module):
         self.bias = (_param(rngs, nnx.initializers.zeros_init(), (out_features,), param_dtype, axes[1:])
                      if use_bias else None)
         self.dtype = dtype
+        # Optional unmerged LoRA (`turbojax.lora.unmerged.attach`): y += lora_scale * (x @ lora_a) @ lora_b. Training
+        # keeps the delta out of the frozen kernel: merging it would rebuild every targeted weight each step.
+        # `lora_scale` is a static float (alpha / r), so it is never trained.
+        self.lora_a = nnx.data(None)
+        self.lora_b = nnx.data(None)
+        self.lora_scale = 0.0
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # Accumulate in fp32 and round once, after the bias, like torch's bf16 addmm. Asking for an fp32 result also
         # selects XLA:CPU's fast bf16 x bf16 -> fp32 GEMM (~6x the bf16 -> bf16 one); fp32 compute is unchanged.
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        xc = x.astype(self.dtype)
+        y = jnp.dot(xc, self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
+        if self.lora_a is not None:
+            h = jnp.dot(xc, self.lora_a[...].astype(self.dtype), preferred_element_type=jnp.float32)
+            y = y + self.lora_scale * jnp.dot(h.astype(self.dtype), self.lora_b[...].astype(self.dtype),
+                                              preferred_element_type=jnp.float32)
         return y.astype(self.dtype)
 
 
