@@ -4,26 +4,89 @@
         --lora Wuli-Qwen-Image-2512-Turbo-LoRA-2steps-V1.0-bf16.safetensors:1.0 \\
         --prompt "a red fox in fresh snow" --num-images 4 --seed 0 --out fox.png
 
-`--out` ending in `.png` writes one image or a grid, `.npz` writes `images` (uint8 [N, H, W, 3]), anything else is
-a folder with one PNG per image. PNGs carry prompt, seed, steps, guidance and model in their text metadata. Image i
-uses noise from seed + i, so results do not depend on `--batch-size`; `--noise FILE` (.npy/.npz, the pipeline's
-latent layout) starts from given latents instead, to compare with other implementations.
+`--out`: `.png` (also `.jpg`/`.jpeg`/`.webp`) writes one image or a grid, `.npz` writes `images` (uint8
+[N, H, W, 3]) with `prompts` and `seeds`; a path without an extension, ending in `/`, or an existing folder gets
+`00000.png`, `00001.png`, ... and nothing else in it is touched. A file we would write that already exists is
+refused unless `--overwrite` (which replaces exactly those names). PNGs carry prompt, seed, steps, guidance, model
+and LoRAs as text metadata (JPEG/WebP as JSON in EXIF ImageDescription).
+
+Image i uses noise from seed + i, so results do not depend on `--batch-size`. `--noise FILE` (.npy/.npz) starts
+from given latents instead, to compare with other implementations: the pipeline's layout (Qwen-Image packed
+[N, (H/16)(W/16), 64], Z-Image [N, 16, H/8, W/8]) or the unpacked `torch.randn` layouts [N, 16, H/8, W/8],
+[N, 16, 1, H/8, W/8] and [N, 1, 16, H/8, W/8], which are packed as diffusers' pipelines pack them.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import math
-import os
-import shutil
 import sys
-import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 DEFAULT_CONFIGS = {"qwen_image": "configs/sample_qwen_image_base.py", "z_image": "configs/sample_z_image_turbo.py"}
 REPO = Path(__file__).resolve().parent
+SEED_LIMIT = 2 ** 32  # jax.random.key takes a uint32 seed; image i uses seed + i
+VAE_SCALE = 8
+
+
+def fail(msg: str):
+    raise SystemExit(f"error: {msg}")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one `error:` line naming the flag instead of usage + message
+        fail(message)
+
+
+# ---- flag types: every numeric flag rejects zero/negative/non-finite values where they make no sense ----
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return v
+
+
+def positive_int(text: str) -> int:
+    v = _int(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def image_size(text: str) -> int:
+    v = _int(text)
+    if v <= 0 or v % 16:
+        raise argparse.ArgumentTypeError(f"width and height must be positive multiples of 16, got {v}")
+    return v
+
+
+def seed_value(text: str) -> int:
+    v = _int(text)
+    if not 0 <= v < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32 - 1], got {v}")
+    return v
+
+
+def guidance_value(text: str) -> float:
+    v = _float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 or 1 turn CFG off), got {v}")
+    return v
 
 
 def load_config(spec: str):
@@ -31,12 +94,67 @@ def load_config(spec: str):
     path, _, arg = spec.partition(":")
     path = Path(path) if Path(path).is_absolute() or Path(path).exists() else REPO / path
     if not path.is_file():
-        raise SystemExit(f"error: config file {spec} not found")
+        fail(f"--config: config file {spec} not found")
     sys.path.insert(0, str(REPO))
-    mod_spec = importlib.util.spec_from_file_location(f"_sample_config_{path.stem}", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg) if arg else mod.get_config()
+    try:
+        mod_spec = importlib.util.spec_from_file_location(f"_sample_config_{path.stem}", path)
+        mod = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(mod)
+        return mod.get_config(arg) if arg else mod.get_config()
+    except Exception as e:  # a user's config file: say which and why, in one line
+        fail(f"--config {spec}: get_config() failed: {type(e).__name__}: {e}")
+
+
+def check_config(cfg, spec: str, family: str) -> None:
+    """The preset's values obey the same rules as the flags that override them."""
+    def bad(field, why):
+        fail(f"--config {spec}: {field} {why}, got {getattr(cfg, field, None)!r}")
+
+    for field in ("family", "width", "height", "steps", "guidance", "negative_prompt", "scheduler", "sigmas",
+                  "max_sequence_length", "cfg_normalization", "cfg_truncation"):
+        if field not in cfg:
+            fail(f"--config {spec}: missing field {field!r}")
+    if cfg.family != family:
+        fail(f"--config {spec} is for {cfg.family}, but --model is a {family} pipeline")
+    for field in ("width", "height"):
+        v = cfg[field]
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % 16:
+            bad(field, "must be a positive multiple of 16")
+    for field in ("steps", "max_sequence_length"):
+        v = cfg[field]
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            bad(field, "must be a positive integer")
+    for field in ("guidance", "cfg_normalization", "cfg_truncation"):
+        v = cfg[field]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            bad(field, "must be a finite number >= 0")
+    from turbojax import schedules
+    if cfg.scheduler and cfg.scheduler not in schedules.PRESETS:
+        bad("scheduler", f"must be '' (the pipeline's own) or one of {sorted(schedules.PRESETS)}")
+
+
+def parse_sigmas(values, source: str) -> list[float]:
+    """Explicit sigmas from `--sigmas 1,0.75` (or a config's list): finite, strictly decreasing, within [0, 1]; a
+    terminal 0 is appended when missing, so N values (N > 1 or ending in 0 excluded) give N steps."""
+    from turbojax import schedules
+    if isinstance(values, str):
+        parts = [p.strip() for p in values.split(",")]
+        if not values.strip() or any(not p for p in parts):
+            fail(f"{source}: expected comma-separated numbers such as 1,0.75, got {values!r}")
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            fail(f"{source}: expected comma-separated numbers such as 1,0.75, got {values!r}")
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError):
+        fail(f"{source}: expected a list of numbers, got {values!r}")
+    if not all(math.isfinite(v) for v in values):
+        fail(f"{source}: sigmas must be finite, got {values}")
+    try:
+        return [float(s) for s in schedules.explicit_sigmas(values)]
+    except ValueError as e:
+        fail(f"{source}: {e}")
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
@@ -48,10 +166,25 @@ def parse_lora(spec: str) -> tuple[str, float]:
         try:
             scale = float(s)
         except ValueError:
-            raise SystemExit(f"error: --lora {spec}: scale {s!r} is not a number") from None
+            fail(f"--lora {spec}: scale {s!r} is not a number")
+        if not math.isfinite(scale):
+            fail(f"--lora {spec}: scale must be a finite number, got {s!r}")
     if not Path(path).is_file():
-        raise SystemExit(f"error: --lora file {path} not found")
+        fail(f"--lora {path}: file not found" + (" (it is a folder)" if Path(path).is_dir() else ""))
     return path, scale
+
+
+def check_lora_file(path: str, family: str) -> None:
+    """Read the LoRA for the pipeline's family before loading the model: wrong family, pickles, non-safetensors and
+    corrupt files fail here (shapes are checked against the model when it is merged)."""
+    from turbojax.lora import LoraFormatError, read_lora
+    try:
+        read_lora(path, family=family)
+    except LoraFormatError as e:
+        msg = str(e)
+        fail(f"--lora {msg if msg.startswith(str(path)) else f'{path}: {msg}'}")
+    except OSError as e:
+        fail(f"--lora {path}: cannot read it ({e.strerror or e})")
 
 
 def read_prompts(args) -> list[str]:
@@ -59,122 +192,191 @@ def read_prompts(args) -> list[str]:
     if args.prompts_file:
         f = Path(args.prompts_file)
         if not f.is_file():
-            raise SystemExit(f"error: --prompts-file {f} not found")
-        lines = [line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+            fail(f"--prompts-file {f}: file not found")
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            fail(f"--prompts-file {f}: not UTF-8 text")
+        except OSError as e:
+            fail(f"--prompts-file {f}: cannot read it ({e.strerror or e})")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
-            raise SystemExit(f"error: --prompts-file {f} holds no prompts")
+            fail(f"--prompts-file {f} holds no prompts")
         prompts += lines
     if not prompts:
-        raise SystemExit("error: give --prompt or --prompts-file")
+        fail("give --prompt or --prompts-file")
     return [p for p in prompts for _ in range(args.num_images)]
 
 
-def grid(images: np.ndarray) -> np.ndarray:
-    n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    out = np.zeros((rows * h, cols * w, c), np.uint8)
-    for i, im in enumerate(images):
-        out[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = im
-    return out
+# ---- --noise ----
+
+def load_noise(spec: str) -> np.ndarray:
+    path = Path(spec)
+    if not path.is_file():
+        fail(f"--noise {spec}: file not found" + (" (it is a folder)" if path.is_dir() else ""))
+    if path.suffix.lower() not in (".npy", ".npz"):
+        fail(f"--noise {spec}: expected a .npy or .npz file of initial latents")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if isinstance(data, np.lib.npyio.NpzFile):
+            with data:
+                names = list(data.files)
+                pick = [n for n in ("noise", "latents") if n in names] or (names if len(names) == 1 else [])
+                if not pick:
+                    fail(f"--noise {spec}: the .npz holds {names or 'no arrays'}; expected one array, or one "
+                         "named 'noise' or 'latents'")
+                data = data[pick[0]]
+    except SystemExit:
+        raise
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        fail(f"--noise {spec}: not a readable numpy array file ({e})")
+    if not isinstance(data, np.ndarray) or data.dtype.kind != "f":
+        fail(f"--noise {spec}: expected a float array of latents, got dtype {getattr(data, 'dtype', type(data))}")
+    if data.ndim == 0 or data.size == 0:
+        fail(f"--noise {spec}: expected an array of latents, got shape {data.shape}")
+    if not np.isfinite(data).all():
+        fail(f"--noise {spec}: holds NaN or Inf values")
+    return data.astype(np.float32)
 
 
-def png_info(meta: dict):
-    from PIL.PngImagePlugin import PngInfo
-    info = PngInfo()
-    for k, v in meta.items():
-        info.add_itxt(k, str(v))
-    return info
+def fit_noise(data: np.ndarray, spec: str, family: str, count: int, height: int, width: int,
+              channels: int | None) -> np.ndarray:
+    """`data` in the pipeline's layout for `count` images of `height x width` with `channels` latent channels
+    (None: not known yet, any). Unpacked inputs are packed for Qwen-Image exactly as `QwenImagePipeline` packs its
+    `[B, 1, C, h, w]` noise; a frame axis of 1 is dropped for Z-Image (`ZImagePipeline` latents are `[B, C, h, w]`)."""
+    h, w = height // VAE_SCALE, width // VAE_SCALE
+    c = channels or "C"
+    shapes = [(count, c, h, w), (count, c, 1, h, w), (count, 1, c, h, w)]
+    listed = " / ".join(str(s).replace("'", "") for s in shapes)
+    if family == "qwen_image":
+        packed = str((count, (h // 2) * (w // 2), "4C" if channels is None else 4 * channels)).replace("'", "")
+        listed = f"packed {packed} or unpacked {listed}"
+    why = (f"--noise {spec}: array of shape {tuple(data.shape)} does not fit {count} image(s) of {width}x{height}; "
+           f"expected {listed}" + ("" if channels else " (C = latent channels)"))
+    x = data
+    if x.ndim == 5:
+        if x.shape[2] == 1:
+            x = x[:, :, 0]
+        elif x.shape[1] == 1:
+            x = x[:, 0]
+        else:
+            fail(why)
+    ok_c = lambda v: channels is None or v == channels  # noqa: E731
+    if x.ndim == 4 and x.shape[0] == count and x.shape[2:] == (h, w) and ok_c(x.shape[1]):
+        if family == "qwen_image":
+            from turbojax.sampling import pack_latents
+            return np.asarray(pack_latents(x), np.float32)
+        return x
+    if (family == "qwen_image" and data.ndim == 3 and data.shape[:2] == (count, (h // 2) * (w // 2))
+            and data.shape[2] % 4 == 0 and ok_c(data.shape[2] // 4)):
+        return data
+    fail(why)
 
 
-def write_outputs(out: Path, images: np.ndarray, metas: list[dict]) -> None:
-    """Write everything through a temporary sibling, then rename: no partial outputs on failure."""
-    from PIL import Image
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".npz":
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".npz")
-        os.close(fd)
-        np.savez(tmp, images=images, prompts=np.array([m["prompt"] for m in metas]),
-                 seeds=np.array([m["seed"] for m in metas]))
-        os.replace(tmp, out)
-    elif out.suffix.lower() == ".png":
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-        os.close(fd)
-        meta = metas[0] if len(metas) == 1 else {**metas[0], "prompt": " | ".join(m["prompt"] for m in metas),
-                                                  "seed": ",".join(str(m["seed"]) for m in metas)}
-        Image.fromarray(images[0] if len(images) == 1 else grid(images)).save(tmp, pnginfo=png_info(meta))
-        os.replace(tmp, out)
-    else:
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-        try:
-            for i, (im, meta) in enumerate(zip(images, metas)):
-                Image.fromarray(im).save(tmp / f"{i:05d}.png", pnginfo=png_info(meta))
-            if out.exists():
-                shutil.rmtree(out) if out.is_dir() else out.unlink()
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
+def latent_channels(model: Path, family: str) -> int | None:
+    """Latent channels from the pipeline folder's JSON configs (cheap); None when not readable (e.g. a turbojax
+    export), then the check waits for the loaded pipeline."""
+    comp, key = ("transformer", "in_channels") if family == "qwen_image" else ("vae", "latent_channels")
+    try:
+        v = json.loads((model / comp / "config.json").read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        return None
+    return v // 4 if family == "qwen_image" else v
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="diffusers pipeline folder (or a turbojax export of one)")
     p.add_argument("--config", help="sampling preset, e.g. configs/sample_qwen_image_lightning.py:4 "
                                     "(default: the family's base preset)")
     p.add_argument("--prompt", action="append", help="repeatable")
     p.add_argument("--prompts-file", help="one prompt per line")
     p.add_argument("--negative-prompt")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float, help="Qwen true_cfg_scale / Z-Image guidance_scale")
-    p.add_argument("--sigmas", help="explicit comma-separated sigmas, e.g. 1,0.75 (overrides --steps)")
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=positive_int)
+    p.add_argument("--guidance", type=guidance_value, help="Qwen true_cfg_scale / Z-Image guidance_scale (>= 0)")
+    p.add_argument("--sigmas", help="explicit comma-separated sigmas, e.g. 1,0.75 (a terminal 0 is appended); "
+                                    "--steps, if given too, must equal their count")
+    p.add_argument("--width", type=image_size, help="positive multiple of 16")
+    p.add_argument("--height", type=image_size, help="positive multiple of 16")
+    p.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
+    p.add_argument("--seed", type=seed_value, default=0, help="image i uses seed + i (< 2**32)")
     p.add_argument("--lora", action="append", default=[], help="FILE[:SCALE], repeatable")
-    p.add_argument("--noise", help=".npy/.npz initial latents for all images, in the pipeline's layout")
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--noise", help=".npy/.npz initial latents for all images: the pipeline's layout or the "
+                                   "unpacked [N, 16, H/8, W/8] / [N, 16, 1, H/8, W/8]")
+    p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--tiled-decode", action="store_true", help="decode in overlapping tiles (large images)")
-    p.add_argument("--out", required=True, help=".png, .npz, or a folder")
-    args = p.parse_args(argv)
+    p.add_argument("--out", required=True, help=".png/.jpg/.webp (one image or a grid), .npz, or a folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing files with exactly the names this run writes (nothing else)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     # ---- validate everything cheap before loading anything heavy ----
-    from turbojax.pipelines import PipelineError, from_diffusers, read_model_index
+    from turbojax import image_out
+    from turbojax.pipelines import PipelineError, read_model_index
+    model = Path(args.model)
     try:
-        family, _ = read_model_index(Path(args.model))
+        family, _ = read_model_index(model)
     except PipelineError as e:
-        raise SystemExit(f"error: {e}") from None
-    cfg = load_config(args.config or DEFAULT_CONFIGS[family])
-    if cfg.family != family:
-        raise SystemExit(f"error: config {args.config} is for {cfg.family}, but {args.model} is a {family} pipeline")
-    width, height = args.width or cfg.width, args.height or cfg.height
-    if width % 16 or height % 16 or width <= 0 or height <= 0:
-        raise SystemExit(f"error: --width/--height must be positive multiples of 16, got {width}x{height}")
-    if args.batch_size < 1 or args.num_images < 1:
-        raise SystemExit("error: --batch-size and --num-images must be >= 1")
-    prompts = read_prompts(args)
-    loras = [parse_lora(s) for s in args.lora]
-    sigmas = [float(s) for s in args.sigmas.split(",")] if args.sigmas else list(cfg.sigmas) or None
-    steps = args.steps or (len(sigmas) if sigmas else cfg.steps)
+        fail(f"--model {e}")
+    spec = args.config or DEFAULT_CONFIGS[family]
+    cfg = load_config(spec)
+    check_config(cfg, spec, family)
+    width = cfg.width if args.width is None else args.width
+    height = cfg.height if args.height is None else args.height
+    if args.sigmas is not None:
+        sigmas, source = parse_sigmas(args.sigmas, "--sigmas"), f"--sigmas {args.sigmas}"
+    elif len(cfg.sigmas):
+        sigmas, source = parse_sigmas(cfg.sigmas, f"--config {spec}: sigmas"), f"the sigmas of --config {spec}"
+    else:
+        sigmas, source = None, ""
+    if sigmas is not None and args.steps is not None and args.steps != len(sigmas) - 1:
+        fail(f"--steps {args.steps} does not match {source} ({len(sigmas) - 1} steps: {sigmas}); give one of them")
+    steps = len(sigmas) - 1 if sigmas is not None else (cfg.steps if args.steps is None else args.steps)
     guidance = cfg.guidance if args.guidance is None else args.guidance
     negative = cfg.negative_prompt if args.negative_prompt is None else args.negative_prompt
+    prompts = read_prompts(args)
+    if args.seed + len(prompts) - 1 >= SEED_LIMIT:
+        fail(f"--seed {args.seed}: image i uses seed + i, and {len(prompts)} images need seed + "
+             f"{len(prompts) - 1} < 2**32; use --seed <= {SEED_LIMIT - len(prompts)}")
+    try:
+        plan = image_out.plan_output(args.out, len(prompts), overwrite=args.overwrite)
+    except image_out.OutputError as e:
+        fail(f"--out {e}")
+    loras = [parse_lora(s) for s in args.lora]
+    for path, _ in loras:
+        check_lora_file(path, family)
     noise = None
-    if args.noise:
-        data = np.load(args.noise)
-        noise = data[data.files[0]] if hasattr(data, "files") else data
-        if noise.shape[0] != len(prompts):
-            raise SystemExit(f"error: --noise {args.noise} holds {noise.shape[0]} latents for {len(prompts)} images")
-    out = Path(args.out)
+    if args.noise is not None:
+        raw = load_noise(args.noise)
+        noise = fit_noise(raw, args.noise, family, len(prompts), height, width, latent_channels(model, family))
 
     import jax.numpy as jnp
 
+    from turbojax.pipelines import from_diffusers
     from turbojax.utils import progress_bar
-    pipe = from_diffusers(args.model, loras=loras, dtype=jnp.dtype(args.dtype))
+    try:
+        pipe = from_diffusers(model, loras=loras, dtype=jnp.dtype(args.dtype))
+    except (PipelineError, FileNotFoundError) as e:
+        fail(str(e))
+    except ValueError as e:  # our loaders' errors (ConfigError, SafetensorsError, ConversionError, ...)
+        if type(e).__module__.startswith("turbojax"):
+            fail(str(e))
+        raise
+    if noise is not None:  # now the latent channels are known for every kind of folder
+        shape = pipe.noise_shape(1, height, width)
+        noise = fit_noise(raw, args.noise, family, len(prompts), height, width,
+                          shape[2] // 4 if family == "qwen_image" else shape[1])
     batches = [list(range(i, min(i + args.batch_size, len(prompts)))) for i in range(0, len(prompts),
                                                                                      args.batch_size)]
     images, metas = [], []
+    lora_meta = ",".join(f"{Path(f).name}:{s}" for f, s in loras)
     try:
         for idx in progress_bar(batches, desc="sampling", enabled=len(batches) > 1, unit="batch"):
             if noise is not None:
@@ -186,13 +388,20 @@ def main(argv=None) -> int:
                                scheduler=cfg.scheduler or None, max_sequence_length=cfg.max_sequence_length,
                                cfg_normalization=cfg.cfg_normalization, cfg_truncation=cfg.cfg_truncation,
                                tiled_decode=True if args.tiled_decode else None))
-            metas += [dict(prompt=prompts[i], seed=args.seed + i, steps=steps, guidance=guidance,
-                           model=Path(args.model).name, loras=",".join(f"{Path(f).name}:{s}" for f, s in loras))
+            metas += [dict(prompt=prompts[i], seed=args.seed + i, steps=steps, guidance=guidance, model=model.name,
+                           loras=lora_meta, **({"noise": f"{Path(args.noise).name}[{i}]"} if noise is not None
+                                               else {}))
                       for i in idx]
     except PipelineError as e:
-        raise SystemExit(f"error: {e}") from None
-    write_outputs(out, np.concatenate(images), metas)
-    print(f"wrote {out} ({len(metas)} images, {width}x{height}, {steps} steps)")
+        fail(str(e))
+    try:
+        written = image_out.write_output(plan, np.concatenate(images), metas)
+    except image_out.OutputError as e:
+        fail(f"--out {e}")
+    except OSError as e:
+        fail(f"--out {args.out}: cannot write ({e.strerror or e}: {e.filename or ''})")
+    where = f"{plan.path} ({written[0].name}..{written[-1].name})" if plan.kind == image_out.FOLDER else plan.path
+    print(f"wrote {where}: {len(metas)} images, {width}x{height}, {steps} steps")
     return 0
 
 
