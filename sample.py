@@ -218,7 +218,7 @@ def load_noise(spec: str) -> np.ndarray:
         fail(f"--noise {spec}: expected a .npy or .npz file of initial latents")
     try:
         data = np.load(path, allow_pickle=False)
-        if isinstance(data, np.lib.npyio.NpzFile):
+        if hasattr(data, "files"):  # an .npz archive (NpzFile)
             with data:
                 names = list(data.files)
                 pick = [n for n in ("noise", "latents") if n in names] or (names if len(names) == 1 else [])
