@@ -1,0 +1,73 @@
+"""Default distillation config (an `ml_collections.ConfigDict`); the files in `configs/` start from it and set the
+policy for one model (what trains, at which rank and learning rate, the student's sigma list, CFG, GAN).
+
+Every field, with the published values it follows (shared docs `distillation.md` §1, §9):
+
+  method            "dmd2" (DMD2; with GAN when gan.weight > 0)
+  model / init_from preset name for a random base, or a diffusers folder / turbojax export of the teacher
+  student.sigmas    the student's sigma list without the final 0; 2 steps: (1.0, 0.75) = raw (1, 0.5) under shift 3.
+                    4 or 8 steps: a longer list, e.g. (1.0, 0.9, 0.75, 0.5). Training and inference use the same list.
+  student.shift     the shift the list was made with (written beside the exported LoRA for samplers)
+  student.rollout   "euler" (the inference sampler's update, default) or "renoise" (DMD2's re-noising)
+  lora.student/fake targets (regexes over our module paths), rank, alpha
+  init_student_lora a LoRA file that warm-starts the student (a PCM LoRA in the Wuli recipe)
+  dmd.real_cfg      CFG of the real score (teacher); 1 for guidance-distilled teachers (Z-Image-Turbo: CFG 0/1)
+  dmd.time, time_shift   the DMD noising time: tau ~ U[lo, hi] then shifted
+  fake.time, time_shift  the fake score's flow-matching time
+  gan.weight        generator GAN weight (0 = no GAN); FastGen / Model-Optimizer use 0.03
+  gan.d_weight      discriminator loss weight in the critic turn
+  gan.features      "teacher" (frozen teacher features, one teacher pass for DMD target + D) or "fake" (DMD2 paper)
+  gan.depths        feature taps as fractions of depth (FastGen: 0.5, 0.75, 0.99)
+  gan.r1_weight     R1 penalty on the heads' inputs (Model-Optimizer: 0.1)
+  gan.real_mix      fraction of D's reals drawn from real-image latents; the rest are teacher samples (Wuli mix)
+  ttur_ratio        critic turns per generator turn (FastGen: 5)
+  ema_decay         EMA of the student LoRA (exported); 0 = no EMA
+  opt.<group>.lr    per group: student, fake, disc; opt.warmup_steps, weight_decay, b1, b2, grad_clip
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def dmd2_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.method = "dmd2"
+    c.seed = 0
+    c.workdir = "out/dmd2"
+    c.model = ""
+    c.init_from = ""
+    c.param_dtype = "float32"
+    c.dtype = "float32"
+    c.scan_layers = True
+    c.remat = "none"
+    c.attention_impl = "auto"
+
+    c.student = ml_collections.ConfigDict(dict(sigmas=(1.0, 0.75), shift=3.0, rollout="euler", cfg=1.0))
+    lora_targets = [r"transformer_blocks\.attn\.(to_q|to_k|to_v|to_out|add_q_proj|add_k_proj|add_v_proj|to_add_out)",
+                    r"transformer_blocks\.(img|txt)_mlp\.fc[12]"]
+    c.lora = ml_collections.ConfigDict()
+    c.lora.student = ml_collections.ConfigDict(dict(targets=list(lora_targets), rank=64, alpha=64.0))
+    c.lora.fake = ml_collections.ConfigDict(dict(targets=list(lora_targets), rank=64, alpha=64.0))
+    c.init_student_lora = ""
+
+    c.dmd = ml_collections.ConfigDict(dict(real_cfg=4.0, cfg_rescale=True, weight=1.0, time=(0.02, 0.98),
+                                           time_shift=3.0))
+    c.fake = ml_collections.ConfigDict(dict(time=(0.0, 1.0), time_shift=3.0))
+    c.gan = ml_collections.ConfigDict(dict(weight=0.03, d_weight=1.0, features="teacher", depths=(0.5, 0.75, 0.99),
+                                           hidden=256, r1_weight=0.0, time=(0.02, 0.98), time_shift=3.0,
+                                           real_mix=0.0))
+    c.ttur_ratio = 5
+    c.ema_decay = 0.99
+
+    c.opt = ml_collections.ConfigDict(dict(warmup_steps=0, weight_decay=0.01, b1=0.9, b2=0.999, grad_clip=10.0))
+    for g, lr in (("student", 1e-5), ("fake", 1e-5), ("disc", 1e-5)):
+        c.opt[g] = ml_collections.ConfigDict(dict(lr=lr))
+
+    c.batch_size = 4
+    c.total_steps = 5000
+    c.log_every = 10
+    c.checkpoint_every = 200
+    c.keep_checkpoints = 2
+    c.sample_every = 500  # sample grid (fixed prompts and noise) into TensorBoard and workdir/samples/
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    return c

@@ -1,0 +1,168 @@
+"""DMD2 + GAN (shared docs `distillation.md` §1, §9): the generator turn's and the critic turn's losses.
+
+Each is a pure function `(trainable, others, frozen, batch, key) -> (loss, metrics)`; the engine differentiates it
+w.r.t. `trainable` only and owns the optimisers (FastGen / Model-Optimizer design). Groups: `student` (LoRA
+factors), `fake` (fake-score LoRA factors), `disc` (discriminator heads).
+
+Generator turn: backward-simulate the student to a random step k of its sigma list (earlier steps without grad),
+predict x0 at step k, noise it at a shifted random time, and take the distribution-matching gradient between the
+teacher (with CFG: the real score) and the fake score (no CFG); plus the non-saturating GAN loss of the
+discriminator on features of the same teacher pass (or of the fake score: the DMD2 paper's choice).
+Critic turn: flow-matching loss of the fake score on detached student samples, and the discriminator loss on
+features of noised student samples vs noised reals (real latents and/or teacher samples, mixed by the data side),
+with an optional R1 penalty on the heads' inputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from turbojax.distill import losses as L
+from turbojax.distill.nets import Nets
+from turbojax.distill.rollout import simulate
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class DMD2Settings:
+    student_sigmas: tuple[float, ...]  # without the final 0, e.g. (1.0, 0.75)
+    rollout: str = "euler"
+    real_cfg: float = 4.0
+    cfg_rescale: bool = True
+    dm_weight: float = 1.0
+    dm_time: tuple[float, float] = (0.02, 0.98)
+    dm_shift: float = 1.0
+    fake_time: tuple[float, float] = (0.0, 1.0)
+    fake_shift: float = 1.0
+    gan_weight: float = 0.0        # generator's GAN term (0: DMD2 without GAN)
+    gan_d_weight: float = 1.0      # discriminator loss weight in the critic turn
+    gan_features: str = "teacher"  # "teacher" (one teacher pass serves both) or "fake"
+    gan_time: tuple[float, float] = (0.02, 0.98)
+    gan_shift: float = 1.0
+    r1_weight: float = 0.0
+
+    @property
+    def gan(self) -> bool:
+        return self.gan_weight > 0
+
+
+def _cond(batch):
+    return {"ctx": batch["ctx"], "mask": batch.get("mask")}
+
+
+def _neg(batch):
+    return {"ctx": batch["neg_ctx"], "mask": batch.get("neg_mask")}
+
+
+def _concat(a, b):
+    return jax.tree.map(lambda x, y: jnp.concatenate([x, y]), a, b)
+
+
+def real_score_velocity(nets: Nets, frozen, x_t, sigma, batch, s: DMD2Settings, taps=()):
+    """Teacher velocity with CFG (Qwen true CFG; CFG <= 1 or no negative prompt: the conditional pass alone), and
+    the conditional pass's features when `taps` are asked (gradient flows to `x_t` through them)."""
+    teacher = nets.teacher(frozen)
+    use_cfg = s.real_cfg > 1.0 and "neg_ctx" in batch
+    if not use_cfg:
+        res = nets.velocity(teacher, x_t, sigma, _cond(batch), taps)
+        return res if taps else (res, None)
+    if taps:  # the features need the gradient of the conditional pass only
+        v_c, feats = nets.velocity(teacher, x_t, sigma, _cond(batch), taps)
+        v_u = nets.velocity(teacher, jax.lax.stop_gradient(x_t), sigma, _neg(batch))
+    else:  # one batched pass for both halves
+        both = nets.velocity(teacher, jnp.concatenate([x_t, x_t]), jnp.concatenate([sigma, sigma]),
+                             _concat(_cond(batch), _neg(batch)))
+        v_c, v_u = jnp.split(both, 2)
+        feats = None
+    return L.true_cfg(v_c, v_u, s.real_cfg, s.cfg_rescale), feats
+
+
+def student_sample(nets: Nets, role: str, frozen, factors, batch, key, s: DMD2Settings, *, k=None):
+    """Backward simulation to a random (or given) step k, then the student's x0 at step k (with gradient w.r.t.
+    `factors` unless they are stop-gradient'ed by the caller). Returns (x0, k)."""
+    k_idx, k_noise, k_roll = jax.random.split(key, 3)
+    sig = jnp.asarray(tuple(s.student_sigmas) + (0.0,), F32)
+    n = len(s.student_sigmas)
+    k = jax.random.randint(k_idx, (), 0, n) if k is None else k
+    x_T = jax.random.normal(k_noise, (batch["ctx"].shape[0], *nets.latent_shape), F32)
+    frozen_student = nets.role(role, frozen, jax.lax.stop_gradient(factors))
+    cond = _cond(batch)
+    x_k, s_k = simulate(lambda x, t: nets.velocity(frozen_student, x, t, cond), x_T, sig, k, k_roll, s.rollout)
+    v = nets.velocity(nets.role(role, frozen, factors), x_k, s_k, cond)
+    return L.x0_from_velocity(x_k, s_k, v), k
+
+
+def generator_loss(nets: Nets, s: DMD2Settings):
+    def loss_fn(trainable, others, frozen, batch, key):
+        k_sample, k_t, k_eps = jax.random.split(key, 3)
+        x0, k = student_sample(nets, "student", frozen, trainable["student"], batch, k_sample, s)
+        b = x0.shape[0]
+        t = L.sample_sigma(k_t, b, *s.dm_time, s.dm_shift)
+        x_t = L.add_noise(x0, jax.random.normal(k_eps, x0.shape, F32), t)
+        teacher_taps = nets.taps if s.gan and s.gan_features == "teacher" else ()
+        v_real, feats = real_score_velocity(nets, frozen, x_t, t, batch, s, teacher_taps)
+        fake_model = nets.role("fake", frozen, others["fake"])
+        if s.gan and s.gan_features == "fake":
+            v_fake, feats = nets.velocity(fake_model, x_t, t, _cond(batch), nets.taps)
+        else:
+            v_fake = nets.velocity(fake_model, jax.lax.stop_gradient(x_t), t, _cond(batch))
+        x0_real = L.x0_from_velocity(x_t, t, jax.lax.stop_gradient(v_real))
+        x0_fake = L.x0_from_velocity(x_t, t, jax.lax.stop_gradient(v_fake))
+        l_dm, g_abs = L.dmd_loss(x0, x0_real, x0_fake)
+        loss = s.dm_weight * l_dm
+        metrics = {"dm": l_dm, "dm_grad": g_abs, "k": k.astype(F32)}
+        if s.gan:
+            logits = nets.discriminator(others["disc"])(feats, nets.denoiser.grid)
+            l_gan = L.gan_generator_loss(logits)
+            loss = loss + s.gan_weight * l_gan
+            metrics |= {"gan_g": l_gan, "d_fake_g": jnp.mean(logits)}
+        return loss, metrics
+    return loss_fn
+
+
+def critic_loss(nets: Nets, s: DMD2Settings):
+    def loss_fn(trainable, others, frozen, batch, key):
+        k_sample, k_t, k_eps, k_td, k_ef, k_er = jax.random.split(key, 6)
+        x0, _ = student_sample(nets, "student", frozen, others["student"], batch, k_sample, s)
+        x0 = jax.lax.stop_gradient(x0)
+        b = x0.shape[0]
+        cond = _cond(batch)
+        t = L.sample_sigma(k_t, b, *s.fake_time, s.fake_shift)
+        eps = jax.random.normal(k_eps, x0.shape, F32)
+        fake_model = nets.role("fake", frozen, trainable["fake"])
+        v_fake = nets.velocity(fake_model, L.add_noise(x0, eps, t), t, cond)
+        l_fake = L.flow_matching_loss(v_fake, x0, eps)
+        loss, metrics = l_fake, {"fake_fm": l_fake}
+        if s.gan:
+            td = L.sample_sigma(k_td, b, *s.gan_time, s.gan_shift)
+            x_fake = L.add_noise(x0, jax.random.normal(k_ef, x0.shape, F32), td)
+            x_real = L.add_noise(batch["real"], jax.random.normal(k_er, x0.shape, F32), td)
+            backbone = nets.teacher(frozen) if s.gan_features == "teacher" else fake_model
+            _, feats = nets.velocity(backbone, jnp.concatenate([x_fake, x_real]), jnp.concatenate([td, td]),
+                                     _concat(cond, cond), nets.taps)
+            if s.gan_features == "teacher":
+                feats = jax.lax.stop_gradient(feats)
+            f_fake = [f[:b] for f in feats]
+            f_real = [f[b:] for f in feats]
+            disc = nets.discriminator(trainable["disc"])
+            logits_fake = disc(f_fake, nets.denoiser.grid)
+
+            def real_logits(fr):
+                return disc(fr, nets.denoiser.grid)
+
+            if s.r1_weight > 0:
+                logits_real, vjp = jax.vjp(real_logits, f_real)
+                (g_real,) = vjp(jnp.ones_like(logits_real))
+                r1 = L.r1_penalty(g_real)
+                loss = loss + s.r1_weight * r1
+                metrics["r1"] = r1
+            else:
+                logits_real = real_logits(f_real)
+            l_d = L.gan_discriminator_loss(logits_real, logits_fake)
+            loss = loss + s.gan_d_weight * l_d
+            metrics |= {"gan_d": l_d, "d_real": jnp.mean(logits_real), "d_fake": jnp.mean(logits_fake)}
+        return loss, metrics
+    return loss_fn

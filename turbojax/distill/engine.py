@@ -1,0 +1,111 @@
+"""The distillation engine: optimiser turns assembled from pure losses, each one jitted pure step.
+
+A method (DMD2 + GAN, and PCM, ArcFlow, Turbo++ on the same engine) is a list of `Turn`s. A turn names the trainable
+groups it updates and the loss `(trainable, others, frozen, batch, key) -> (loss, metrics)` it minimises; `every`
+makes the two-time-scale schedule (DMD2's TTUR: the critic every iteration, the generator every r-th). The state is
+a plain pytree, trainables only (levanter style: the frozen base is an argument, never differentiated, never
+checkpointed):
+
+    {"params": {group: pytree}, "opt": {turn: optax state}, "ema": {group: pytree}}
+
+Every step is `step(state, frozen, batch, key) -> (new_state, metrics)`, jitted with the state donated; metrics
+carry the loss and the global gradient norm of the turn so the loop can stop on the first non-finite value.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    name: str
+    groups: tuple[str, ...]
+    loss: Callable
+    every: int = 1           # runs at iterations i with i % every == 0
+    ema: tuple[str, ...] = ()  # groups whose EMA is updated after this turn
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupOpt:
+    lr: float
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+
+
+def make_tx(groups: Mapping[str, GroupOpt], clip: float) -> optax.GradientTransformation:
+    """AdamW per group (own LR, warm-up, weight decay) after one global-norm clip over the turn's gradients."""
+    def adamw(o: GroupOpt):
+        lr = optax.warmup_constant_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps else o.lr
+        return optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+
+    inner = optax.multi_transform({g: adamw(o) for g, o in groups.items()},
+                                  lambda params: {g: jax.tree.map(lambda _: g, params[g]) for g in params})
+    return optax.chain(optax.clip_by_global_norm(clip), inner) if clip and clip > 0 else inner
+
+
+def init_state(params: Mapping, turns: Sequence[Turn], txs: Mapping[str, optax.GradientTransformation]) -> dict:
+    ema_groups = sorted({g for t in turns for g in t.ema})
+    return {"params": dict(params),
+            "opt": {t.name: txs[t.name].init({g: params[g] for g in t.groups}) for t in turns},
+            "ema": {g: jax.tree.map(jnp.array, params[g]) for g in ema_groups}}
+
+
+def make_step(turn: Turn, tx: optax.GradientTransformation, ema_decay: float = 0.0, *, donate: bool = True):
+    """The jitted pure step of one turn."""
+    def step(state, frozen, batch, key):
+        params = state["params"]
+        trainable = {g: params[g] for g in turn.groups}
+        others = jax.lax.stop_gradient({g: v for g, v in params.items() if g not in turn.groups})
+        (loss, metrics), grads = jax.value_and_grad(turn.loss, has_aux=True)(trainable, others, frozen, batch, key)
+        updates, opt = tx.update(grads, state["opt"][turn.name], trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        ema = dict(state["ema"])
+        for g in turn.ema:
+            ema[g] = jax.tree.map(lambda e, p: (ema_decay * e + (1.0 - ema_decay) * p).astype(e.dtype),
+                                  ema[g], new_trainable[g])
+        new_state = {"params": {**params, **new_trainable}, "opt": {**state["opt"], turn.name: opt}, "ema": ema}
+        metrics = {f"{turn.name}/{k}": v for k, v in metrics.items()}
+        metrics[f"{turn.name}/loss"] = loss
+        metrics[f"{turn.name}/grad_norm"] = optax.global_norm(grads)
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def turn_key(seed: int, iteration: int, turn_index: int) -> jax.Array:
+    """Keys depend only on (seed, iteration, turn), so a resumed run draws exactly what the straight run drew."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), iteration), turn_index)
+
+
+class Engine:
+    """The turns of a method with their optimisers and jitted steps; `iteration` runs the turns due at step i."""
+
+    def __init__(self, turns: Sequence[Turn], txs: Mapping[str, optax.GradientTransformation],
+                 ema_decay: float = 0.0, seed: int = 0):
+        names = [t.name for t in turns]
+        if len(set(names)) != len(names):
+            raise ValueError(f"turn names must be unique, got {names}")
+        self.turns, self.txs, self.seed = tuple(turns), dict(txs), seed
+        self.steps = {t.name: make_step(t, self.txs[t.name], ema_decay) for t in turns}
+
+    def init_state(self, params: Mapping) -> dict:
+        return init_state(params, self.turns, self.txs)
+
+    def due(self, iteration: int) -> list[tuple[int, Turn]]:
+        return [(i, t) for i, t in enumerate(self.turns) if iteration % t.every == 0]
+
+    def iteration(self, state, frozen, batches: Callable[[str], dict], it: int):
+        """Run the turns due at iteration `it`; `batches(turn_name)` gives each turn its batch (DMD2 uses separate
+        prompt streams for the generator and the critic). Returns (state, metrics of the turns that ran)."""
+        metrics = {}
+        for i, turn in self.due(it):
+            state, m = self.steps[turn.name](state, frozen, batches(turn.name), turn_key(self.seed, it, i))
+            metrics.update(m)
+        return state, metrics

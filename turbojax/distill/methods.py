@@ -1,0 +1,98 @@
+"""From a config to a method: the networks on the shared base, the trainables, the turns and their optimisers.
+
+`build(cfg, base_model, latent_shape, rng)` returns a `Method` for `cfg.method` (today "dmd2": DMD2, with GAN when
+`cfg.gan.weight > 0`). The config fields are documented in `configs/digits_dmd2_gan.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+
+from turbojax import lora
+from turbojax.distill import dmd2
+from turbojax.distill.denoiser import denoiser_for, feature_dim, num_layers, taps_at_depths
+from turbojax.distill.discriminator import FeatureDiscriminator
+from turbojax.distill.engine import GroupOpt, Turn, make_tx
+from turbojax.distill.nets import Nets, disc_pure
+from turbojax.lora import unmerged
+
+METHODS = ("dmd2",)
+
+
+@dataclasses.dataclass
+class Method:
+    name: str
+    nets: Nets
+    turns: list[Turn]
+    txs: dict
+    params: dict              # initial trainables {group: pytree}
+    settings: Any
+    export_group: str = "student"  # the group exported as the distilled LoRA (its EMA when kept)
+
+
+def _adapter(model, spec, rng, init_file: str = ""):
+    if init_file:
+        adapter = unmerged.fold_scales(lora.load(init_file, model))
+        return {p: {k: np.asarray(v, np.float32) for k, v in e.items()} for p, e in adapter.items()}
+    return lora.init_adapter(model, list(spec.targets), int(spec.rank), float(spec.alpha), rng=rng)
+
+
+def _group_opt(cfg, name: str) -> GroupOpt:
+    g = cfg.opt[name]
+    return GroupOpt(lr=float(g.lr), warmup_steps=int(cfg.opt.warmup_steps), weight_decay=float(cfg.opt.weight_decay),
+                    b1=float(cfg.opt.b1), b2=float(cfg.opt.b2))
+
+
+def dmd2_settings(cfg) -> dmd2.DMD2Settings:
+    return dmd2.DMD2Settings(
+        student_sigmas=tuple(float(s) for s in cfg.student.sigmas), rollout=cfg.student.rollout,
+        real_cfg=float(cfg.dmd.real_cfg), cfg_rescale=bool(cfg.dmd.cfg_rescale), dm_weight=float(cfg.dmd.weight),
+        dm_time=tuple(cfg.dmd.time), dm_shift=float(cfg.dmd.time_shift), fake_time=tuple(cfg.fake.time),
+        fake_shift=float(cfg.fake.time_shift), gan_weight=float(cfg.gan.weight), gan_d_weight=float(cfg.gan.d_weight),
+        gan_features=cfg.gan.features, gan_time=tuple(cfg.gan.time), gan_shift=float(cfg.gan.time_shift),
+        r1_weight=float(cfg.gan.r1_weight))
+
+
+def build(cfg, base_model, latent_shape, rng: jax.Array, *, cap_len: int | None = None) -> Method:
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method {cfg.method!r}; choose one of {METHODS}")
+    graphdef, frozen = nnx.split(base_model)
+    k_student, k_fake, k_disc = jax.random.split(rng, 3)
+    student = _adapter(base_model, cfg.lora.student, k_student, cfg.init_student_lora)
+    fake = _adapter(base_model, cfg.lora.fake, k_fake)
+    roles = {"student": unmerged.make_role(graphdef, frozen, student),
+             "fake": unmerged.make_role(graphdef, frozen, fake)}
+    s = dmd2_settings(cfg)
+    if s.gan_features not in ("teacher", "fake"):
+        raise ValueError(f"gan.features must be 'teacher' or 'fake', got {s.gan_features!r}")
+    params = {"student": unmerged.factors_of(student), "fake": unmerged.factors_of(fake)}
+    disc_graphdef = disc_template = None
+    taps = ()
+    if s.gan:
+        taps = taps_at_depths(cfg.gan.depths, num_layers(base_model))
+        disc = FeatureDiscriminator(feature_dim(base_model), len(taps), hidden=int(cfg.gan.hidden),
+                                    rngs=nnx.Rngs(int(jax.random.randint(k_disc, (), 0, 2 ** 31 - 1))))
+        disc_graphdef, disc_state = nnx.split(disc)
+        disc_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), disc_state)
+        params["disc"] = disc_pure(disc_state)
+    nets = Nets(base=graphdef, roles=roles, denoiser=denoiser_for(base_model, latent_shape, cap_len),
+                latent_shape=tuple(latent_shape), disc=disc_graphdef, disc_template=disc_template, taps=taps)
+    critic_groups = ("fake", "disc") if s.gan else ("fake",)
+    turns = [Turn("generator", ("student",), dmd2.generator_loss(nets, s), every=int(cfg.ttur_ratio),
+                  ema=("student",) if cfg.ema_decay > 0 else ()),
+             Turn("critic", critic_groups, dmd2.critic_loss(nets, s))]
+    clip = float(cfg.opt.grad_clip)
+    txs = {"generator": make_tx({"student": _group_opt(cfg, "student")}, clip),
+           "critic": make_tx({g: _group_opt(cfg, g) for g in critic_groups}, clip)}
+    return Method("dmd2", nets, turns, txs, params, s)
+
+
+def export_adapter(method: Method, state: Mapping, use_ema: bool = True) -> dict:
+    """The distilled student as an adapter `{path: {"a", "b", "scale"}}` (its EMA when one is kept)."""
+    g = method.export_group
+    factors = state["ema"][g] if use_ema and g in state.get("ema", {}) else state["params"][g]
+    return unmerged.adapter_of(method.nets.roles[g], jax.device_get(factors))
