@@ -353,7 +353,7 @@ def test_errors(tmp_path, shapes, case, match):
     elif case == "alpha_only":
         t["diffusion_model.img_in.alpha"] = np.array(1.0, np.float32)
     elif case == "dora":
-        t[f"{q}.dora_scale"] = np.ones((1, 16), np.float32)
+        t[f"{q}.dora_scale"] = np.ones((3, 16), np.float32)  # DoRA is read (test_lora_wild.py); a bad shape is not
     elif case == "lokr":
         t = {"transformer.transformer_blocks.0.attn.to_q.lokr_w1": d}
     elif case == "unparsable":

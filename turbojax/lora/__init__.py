@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from turbojax.lora.adapters import (Adapter, apply, delta, init_adapter, linear_kernels,  # noqa: F401
-                                    merge_params, unapply)
+from turbojax.lora import adapters as _adapters
+from turbojax.lora.adapters import Adapter, delta, init_adapter, linear_kernels, merge_params  # noqa: F401
+from turbojax.lora.adapters import join_trainable, split_trainable  # noqa: F401
 from turbojax.lora.formats import LoraFormatError, LoraModule, read_lora, save_lora  # noqa: F401
+from turbojax.lora.lycoris import MergeModule  # noqa: F401
 
 
 def _index(model) -> dict[str, tuple[str, int | None]]:
@@ -32,6 +34,7 @@ def from_lora_weights(weights: dict, model) -> Adapter:
     In a scanned stack, layers are packed along axis 0; modules with smaller ranks are zero-padded to the
     largest rank of their stack (the padding adds exactly nothing) and layers the file does not touch get scale 0.
     """
+    from turbojax.lora import lycoris
     index, kernels = _index(model), linear_kernels(model)
     grouped: dict[str, dict] = {}
     for name, mod in weights.items():
@@ -42,6 +45,11 @@ def from_lora_weights(weights: dict, model) -> Adapter:
     adapter = {}
     for path, mods in grouped.items():
         shape = kernels[path]
+        if any(isinstance(m, MergeModule) for m in mods.values()):
+            # merge-only (LoKr / LoHa / DoRA / .diff): compact per-layer patches, merged by lycoris.merge_params
+            adapter[path] = {"merge": {layer: lycoris.as_merge(m) for layer, m in sorted(
+                mods.items(), key=lambda kv: -1 if kv[0] is None else kv[0])}}
+            continue
         if None in mods:
             m = mods[None]
             adapter[path] = {"a": np.ascontiguousarray(m.down.T), "b": np.ascontiguousarray(m.up.T),
@@ -58,11 +66,22 @@ def from_lora_weights(weights: dict, model) -> Adapter:
     return adapter
 
 
+def _alpha(scale, rank: int) -> float:
+    """alpha = scale * r; scale is held in fp32, so give back the 7-digit alpha it came from when that rounds to the
+    same scale (config alpha 4 at rank 3 saves 4.0, not 4.0000001)."""
+    exact = float(scale) * rank
+    short = float(f"{exact:.7g}")
+    return short if np.float32(short / rank) == np.float32(scale) else exact
+
+
 def to_lora_weights(adapter: Adapter, model) -> dict:
     """Inverse of `from_lora_weights`: `{diffusers module: LoraModule}` (alpha = scale * rank)."""
     by_path = {(path, layer): name for name, (path, layer) in _index(model).items()}
     out = {}
     for path, entry in adapter.items():
+        if "merge" in entry:
+            raise LoraFormatError(f"adapter module {path!r} holds a merge-only patch (LoKr / LoHa / DoRA / .diff); "
+                                  "those can be merged (`apply`) but not saved as a LoRA")
         a, b, scale = (np.asarray(entry[k], np.float32) for k in ("a", "b", "scale"))
         layers = [None] if a.ndim == 2 else range(a.shape[0])
         for i in layers:
@@ -73,13 +92,51 @@ def to_lora_weights(adapter: Adapter, model) -> dict:
             if name is None:
                 raise LoraFormatError(f"adapter module {path!r} (layer {i}) has no diffusers name")
             rank = ai.shape[-1]
-            out[name] = LoraModule(down=ai.T, up=bi.T, alpha=float(si) * rank)
+            out[name] = LoraModule(down=ai.T, up=bi.T, alpha=_alpha(si, rank))
     return out
 
 
+def _biased_modules(model) -> set[str]:
+    from turbojax.convert.params import flat_params
+    biased = {".".join(p[:-1]) for p in flat_params(model) if p[-1] == "bias"}
+    return {name for name, (path, _) in _index(model).items() if path in biased}
+
+
 def load(path, model) -> Adapter:
-    """Read a LoRA file (any supported layout, strictly checked against `model`) as an adapter pytree."""
-    return from_lora_weights(read_lora(path, family=model.family, module_shapes=module_shapes(model)), model)
+    """Read a LoRA file (any supported layout, strictly checked against `model`) as an adapter pytree.
+
+    Merge-only files (LoKr, LoHa, DoRA, .diff / .diff_b) give `{"merge": ...}` entries: `apply` merges them with
+    ComfyUI's semantics; they cannot be trained or saved.
+    """
+    return from_lora_weights(read_lora(path, family=model.family, module_shapes=module_shapes(model),
+                                       biased_modules=_biased_modules(model)), model)
+
+
+def apply(model, adapters, strength: float = 1.0):
+    """A new model with the adapters merged in (`model` is left as it was): one adapter or `[(adapter, s), ...]`.
+
+    Plain low-rank adapters go through `adapters.apply` unchanged; any merge-only entry routes the whole list
+    through `lycoris.merge_params` (in list order, each strength times `strength`).
+    """
+    from flax import nnx
+
+    from turbojax.lora import lycoris
+    if not lycoris.has_merge_entries(adapters):
+        return _adapters.apply(model, adapters, strength)
+    items = [(adapters, strength)] if isinstance(adapters, dict) else [(a, s * strength) for a, s in adapters]
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return nnx.merge(graphdef, lycoris.merge_params(params, items), rest)
+
+
+def unapply(model, adapters, strength: float = 1.0):
+    """Inverse of `apply` for additive adapters; a DoRA merge rescales the base weight and is refused."""
+    from turbojax.lora import lycoris
+    if not lycoris.has_merge_entries(adapters):
+        return _adapters.unapply(model, adapters, strength)
+    if lycoris.has_dora(adapters):
+        raise ValueError("a DoRA merge cannot be undone (it rescales the base weight); keep the base model instead")
+    items = [(adapters, strength)] if isinstance(adapters, dict) else [(a, s * strength) for a, s in adapters]
+    return apply(model, [(a, -s) for a, s in items])
 
 
 def save(path, adapter: Adapter, model, layout: str = "diffusers", dtype=np.float32) -> None:

@@ -8,8 +8,15 @@ fine as long as every module is complete):
                     `lora_adapter_metadata` header (peft LoraConfig JSON) resolved as peft does, else alpha = r
   lightx2v / ComfyUI `[model.]diffusion_model.<m>.lora_down.weight` / `.lora_up.weight` [+ `.alpha`], also the
                     lora_A/lora_B spelling under `diffusion_model.`; no `.alpha` -> alpha = r
-  kohya             `lora_unet_<m with dots as underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`
+  kohya-style       `<prefix><m with dots as underscores>.lora_down.weight` / `.lora_up.weight` / `.alpha`, prefix
+                    `lora_unet_` (kohya, musubi), `lora_unet__` (VideoX-Fun), `lycoris_` (LyCORIS, SimpleTuner),
+                    `lora_transformer_` (ai-toolkit before its key conversion)
   DiffSynth         `<m>.lora_A.default.weight` / `.lora_B.default.weight` (peft adapter name kept), alpha = r
+
+Merge-only variants under any of those prefixes (`lycoris.py` holds their maths, ComfyUI's semantics): LoKr
+(`.lokr_w1` / `.lokr_w2` or their `_a` / `_b` factors), LoHa (`.hada_w1_a/b`, `.hada_w2_a/b`), DoRA (`.dora_scale`
+beside a LoRA, LoKr or LoHa), full-weight and bias deltas (`.diff`, `.diff_b`). Those modules come back as
+`lycoris.MergeModule`s instead of `LoraModule`s; they can be merged but not trained or saved.
 
 Reading is strict: anything that would be silently dropped or mis-scaled by a lenient loader is an error.
 """
@@ -22,7 +29,7 @@ import math
 import os
 import re
 import uuid
-from typing import Mapping
+from typing import Collection, Mapping
 
 import numpy as np
 
@@ -78,18 +85,26 @@ _SUFFIXES = (
     (".lora_down.weight", "down"), (".lora_up.weight", "up"),
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),
     (".lora_A.weight", "down"), (".lora_B.weight", "up"),
-    (".alpha", "alpha"),
+    (".alpha", "alpha"), (".dora_scale", "dora_scale"), (".diff_b", "diff_b"), (".diff", "diff"),
+    *((f".{p}", p) for p in ("lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_w1", "lokr_w2",
+                             "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")),
 )
-_UNSUPPORTED = (("dora_scale", "DoRA"), ("lora_magnitude_vector", "DoRA"), ("lokr_", "LoKr"), ("hada_", "LoHa"))
+# flattened-name prefixes (module dots as underscores); "lora_unet__" first: VideoX-Fun joins an empty root name
+_FLAT_PREFIXES = ("lora_unet__", "lora_unet_", "lycoris_", "lora_transformer_")
+_UNSUPPORTED = (("lora_magnitude_vector", "PEFT DoRA (lora_magnitude_vector; ComfyUI-style dora_scale is read)"),
+                (".lokr_t1", "LoKr Tucker (conv-only) factor"), (".lokr_t2", "LoKr Tucker (conv-only) factor"),
+                (".hada_t1", "LoHa Tucker (conv-only) factor"), (".hada_t2", "LoHa Tucker (conv-only) factor"),
+                (".lora_mid.weight", "LoCon Tucker (conv-only) factor"))
+LAYOUTS = ("diffusers/PEFT lora_A/B, ComfyUI/lightx2v diffusion_model.*, kohya lora_unet_*, VideoX-Fun lora_unet__*, "
+           "LyCORIS lycoris_*, DiffSynth *.default; LoRA, LoKr, LoHa, DoRA dora_scale, .diff/.diff_b")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 
 def _parse_key(key: str, fam: LoraFamily, path) -> tuple[str, str]:
-    """`key` -> (dotted module name as the file spells it, "down" | "up" | "alpha")."""
+    """`key` -> (dotted module name as the file spells it, part: "down" | "up" | "alpha" | a merge-only part)."""
     for marker, what in _UNSUPPORTED:
         if marker in key:
-            raise LoraFormatError(f"{path}: key {key!r} belongs to a {what} adapter; DoRA/LoKr/LoHa are not "
-                                  "supported, only plain LoRA")
+            raise LoraFormatError(f"{path}: key {key!r} belongs to a {what}, which is not supported")
     rest = key.removeprefix("base_model.model.")  # PEFT's save_pretrained wrapper
     for prefix in ("model.diffusion_model.", "diffusion_model.", "transformer."):
         if rest.startswith(prefix):
@@ -100,12 +115,14 @@ def _parse_key(key: str, fam: LoraFamily, path) -> tuple[str, str]:
             base = rest[: -len(suffix)]
             break
     else:
-        raise LoraFormatError(f"{path}: key {key!r} is not a LoRA down/up/alpha tensor in any known layout")
-    if base.startswith("lora_unet_"):
-        dotted = fam.unflatten_kohya(base[len("lora_unet_"):])
-        if dotted is None:
-            raise LoraFormatError(f"{path}: key {key!r}: kohya module {base!r} is not a {fam.name} LoRA target")
-        return dotted, part
+        raise LoraFormatError(f"{path}: key {key!r} is not a LoRA tensor in any layout read here ({LAYOUTS})")
+    for prefix in _FLAT_PREFIXES:
+        if base.startswith(prefix):
+            dotted = fam.unflatten_kohya(base[len(prefix):])
+            if dotted is None:
+                raise LoraFormatError(f"{path}: key {key!r}: flattened module {base!r} is not a {fam.name} LoRA "
+                                      "target")
+            return dotted, part
     return base, part
 
 
@@ -178,12 +195,17 @@ def _natural_key(name: str):
 
 
 def read_lora(path, family: str | LoraFamily = "qwen_image",
-              module_shapes: Mapping[str, tuple[int, int]] | None = None) -> LoraWeights:
-    """Read a LoRA `.safetensors` file in any supported layout into {diffusers module: LoraModule}.
+              module_shapes: Mapping[str, tuple[int, int]] | None = None,
+              biased_modules: Collection[str] | None = None) -> LoraWeights:
+    """Read a LoRA `.safetensors` file in any supported layout into {diffusers module: LoraModule | MergeModule}.
 
     `module_shapes` ({module: (out, in)}, e.g. from the target model) additionally checks that every module exists
-    in that model and that down is [r, in] and up [out, r]. Raises LoraFormatError on anything unexpected.
+    in that model and that down is [r, in] and up [out, r] (merge-only patches: that their delta is [out, in]);
+    `biased_modules` (the Linears that have a bias) that every `.diff_b` has a bias to go to. Raises
+    LoraFormatError on anything unexpected. Merge-only modules (LoKr, LoHa, DoRA, .diff/.diff_b) come back as
+    `lycoris.MergeModule`s.
     """
+    from turbojax.lora import lycoris  # lycoris imports this module: import it late
     fam = get_family(family)
     tensors, header = _load_safetensors(path)
     if not tensors:
@@ -201,6 +223,9 @@ def read_lora(path, family: str | LoraFamily = "qwen_image",
     out: dict[str, LoraModule] = {}
     source: dict[str, str] = {}
     for module, parts in groups.items():
+        if lycoris.is_merge_only(parts):
+            _read_merge_module(module, parts, tensors, fam, path, module_shapes, biased_modules, out, source)
+            continue
         if "down" not in parts or "up" not in parts:
             have = parts.get("down") or parts.get("up") or parts.get("alpha")
             missing = [p for p in ("down", "up") if p not in parts]
@@ -253,6 +278,35 @@ def read_lora(path, family: str | LoraFamily = "qwen_image",
             out[name] = LoraModule(down.copy() if len(targets) > 1 else down, up_rows, alpha)
             source[name] = parts["down"]
     return {k: out[k] for k in sorted(out, key=_natural_key)}
+
+
+def _read_merge_module(module, parts, tensors, fam, path, module_shapes, biased_modules, out, source) -> None:
+    """One file module holding a merge-only patch -> `out[name] = MergeModule` for each module it stands for."""
+    from turbojax.lora import lycoris
+    key = next(iter(parts.values()))
+    targets = fam.resolve(module)
+    if targets is None:
+        raise LoraFormatError(f"{path}: key {key!r}: {module!r} is not a {fam.name} LoRA target module")
+    mod = lycoris.build(module, parts, tensors, path)
+    split = mod.split(len(targets), lambda msg: LoraFormatError(f"{path}: key {key!r}: {msg}"))
+    for name, m in zip(targets, split):
+        if name in out:
+            raise LoraFormatError(f"{path}: key {key!r}: module {name!r} is also given by {source[name]!r}")
+        if module_shapes is not None:
+            if name not in module_shapes:
+                raise LoraFormatError(f"{path}: key {key!r}: module {name!r} does not exist in the target model")
+            o, i = module_shapes[name]
+            if m.shape is not None and tuple(m.shape) != (o, i):
+                raise LoraFormatError(f"{path}: key {key!r}: the patch of module {name!r} is [out, in] = "
+                                      f"{list(m.shape)}, the weight is [{o}, {i}]")
+            b = m.bias_delta()
+            if b is not None and b.shape[0] != o:
+                raise LoraFormatError(f"{path}: key {parts['diff_b']!r}: expected shape [{o}] for the bias of "
+                                      f"module {name!r}, got {list(b.shape)}")
+        if m.bias is not None and biased_modules is not None and name not in biased_modules:
+            raise LoraFormatError(f"{path}: key {parts['diff_b']!r}: module {name!r} has no bias to add it to")
+        out[name] = m
+        source[name] = key
 
 
 # ----------------------------------------------------------------------------------------------------------------
