@@ -21,6 +21,8 @@ from typing import Callable, Iterable, Iterator, Mapping
 import jax
 import numpy as np
 
+from turbojax.convert.atomic import held_interrupts
+
 META_FILE = "turbojax.json"
 FORMAT_VERSION = 1
 
@@ -84,8 +86,9 @@ def write_params(directory: Path, leaves: Mapping[tuple[str, ...], tuple[tuple[i
                                           f"expected {tuple(shape)} {dtype}")
                 values[path] = arr
             name = f"part-{i:05d}"
-            ckpt.save(directory / "params" / name, _nest(values))
-            ckpt.wait_until_finished()
+            with held_interrupts():  # a signal mid-save would leave Orbax's commit thread writing into a folder
+                ckpt.save(directory / "params" / name, _nest(values))  # that the caller's cleanup is removing
+                ckpt.wait_until_finished()
             index.append({"name": name, "leaves": [".".join(p) for p in part]})
             del values
     meta = dict(meta, format_version=FORMAT_VERSION, parts=index,
@@ -123,7 +126,8 @@ def iter_parts(directory: Path, meta: dict, targets: Mapping[tuple[str, ...], ob
             if targets is not None:
                 target = _nest({p: targets[p] for p in paths})
             try:
-                restored = ckpt.restore(directory / "params" / part["name"], target)
+                with held_interrupts():  # see write_params
+                    restored = ckpt.restore(directory / "params" / part["name"], target)
             except Exception as e:  # orbax raises many types; name the part that failed
                 raise CheckpointError(f"{directory}/params/{part['name']}: cannot restore ({e})") from e
             flat = _flatten(restored)

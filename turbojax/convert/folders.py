@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from turbojax.checkpoint import iter_parts, read_meta, write_params
+from turbojax.convert.atomic import copy_file, copy_tree
 from turbojax.convert.params import ConversionError, check_keys, flat_params, model_leaves, source_reader
 from turbojax.convert.safetensors_io import (atomic_output_dir, open_safetensors, write_index_json,
                                              write_safetensors)
@@ -40,7 +41,7 @@ def to_jax(src, dst, *, scan_layers: bool = True, dtype: str = "keep", overwrite
 
     src, dst = Path(src), Path(dst)
     fam, cfg, config_text = read_component_config(src)
-    reader = open_safetensors(src)
+    reader = open_safetensors(src, weights_name=fam.weights_name)
     sources = fam.source_names(reader.keys())
     get, available = source_reader(sources, reader.get, reader.shape)
     model = abstract_model(fam, cfg, scan_layers=scan_layers)
@@ -81,13 +82,13 @@ def to_jax(src, dst, *, scan_layers: bool = True, dtype: str = "keep", overwrite
                      progress=lambda it: progress_bar(it, desc="to-jax", enabled=progress, unit="part"))
         if extras:
             write_safetensors(Path(tmp) / EXTRA_FILE, [reader.spec(k) for k in extras])
-        # other files of the component (e.g. transformers' generation_config.json) travel along unchanged
-        weight_files = set(reader.layout) | {source["index_name"] if source else None}
+        # other files of the component (e.g. transformers' generation_config.json) travel along unchanged; other
+        # weights beside the model's (a LoRA, an fp16 variant and its index) are not part of it
         for f in sorted(src.iterdir()):
-            if f.is_file() and f.name not in weight_files and f.name != "config.json" \
-                    and not f.name.startswith(".") and not f.name.endswith(".safetensors"):
+            if f.is_file() and f.name != "config.json" and not f.name.startswith(".") \
+                    and not f.name.endswith((".safetensors", ".safetensors.index.json")):
                 (Path(tmp) / PASSTHROUGH_DIR).mkdir(exist_ok=True)
-                shutil.copy2(f, Path(tmp) / PASSTHROUGH_DIR / f.name)
+                copy_file(f, Path(tmp) / PASSTHROUGH_DIR / f.name)
     return dst
 
 
@@ -194,7 +195,7 @@ def to_torch(src, dst, *, dtype: str = "keep", overwrite: bool = False, progress
         (tmp / "config.json").write_bytes(config_text.encode("utf-8"))
         if (src / PASSTHROUGH_DIR).is_dir():
             for f in sorted((src / PASSTHROUGH_DIR).iterdir()):
-                shutil.copy2(f, tmp / f.name)
+                copy_file(f, tmp / f.name)
     return dst
 
 
@@ -210,18 +211,23 @@ def convert_pipeline(src, dst, direction: str, *, overwrite: bool = False, progr
     """`to_jax` / `to_torch` applied to every component folder holding weights; everything else copied as is."""
     from turbojax.checkpoint import META_FILE
     src, dst = Path(src), Path(dst)
+
+    def is_model(item: Path) -> bool:
+        return item.is_dir() and ((item / META_FILE).is_file() if direction == "to-torch"
+                                  else (item / "config.json").is_file() and any(item.glob("*.safetensors")))
+
+    items = [item for item in sorted(src.iterdir()) if not item.name.startswith(".")]
+    if not any(is_model(item) for item in items):  # else the "conversion" would only copy the folder
+        what = "turbojax export (turbojax.json)" if direction == "to-torch" else "model (config.json + .safetensors)"
+        raise ConversionError(f"{src}: no component folder holds a {what}; nothing to convert with {direction}")
     with atomic_output_dir(dst, overwrite=overwrite) as tmp:
         tmp = Path(tmp)
-        for item in sorted(src.iterdir()):
-            if item.name.startswith("."):
-                continue
-            is_model = item.is_dir() and ((item / META_FILE).is_file() if direction == "to-torch"
-                                          else (item / "config.json").is_file() and any(item.glob("*.safetensors")))
-            if is_model:
+        for item in items:
+            if is_model(item):
                 fn = to_jax if direction == "to-jax" else to_torch
                 fn(item, tmp / item.name, progress=progress, **kw)
             elif item.is_dir():
-                shutil.copytree(item, tmp / item.name)
+                copy_tree(item, tmp / item.name)
             else:
-                shutil.copy2(item, tmp / item.name)
+                copy_file(item, tmp / item.name)
     return dst

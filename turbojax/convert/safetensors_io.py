@@ -35,8 +35,8 @@ import numpy as np
 from turbojax.convert.atomic import atomic_output_dir, commit_file as _commit
 
 __all__ = [
-    "DEFAULT_INDEX_NAME", "SafetensorsError", "SafetensorsFile", "SafetensorsFolder", "atomic_output_dir",
-    "format_index_json", "open_safetensors", "safetensors_header", "write_index_json", "write_safetensors",
+    "CANONICAL_WEIGHTS", "DEFAULT_INDEX_NAME", "SafetensorsError", "SafetensorsFile", "SafetensorsFolder",
+    "atomic_output_dir", "choose_weights", "format_index_json", "open_safetensors", "safetensors_header", "write_index_json", "write_safetensors",
     "write_sharded",
 ]
 
@@ -287,31 +287,72 @@ def _index_filename(index_path, key, fname) -> str:
     return fname
 
 
+# What diffusers (`diffusion_pytorch_model`) and transformers (`model`) load from a folder: the index of that name
+# if present, else the single file. Other .safetensors beside them (a LoRA, an fp16 variant) are not the model.
+CANONICAL_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+
+
+def choose_weights(folder, weights_names: Sequence[str] = CANONICAL_WEIGHTS) -> tuple[Path, bool]:
+    """(path, is_index) of the weights diffusers / transformers would load from `folder`.
+
+    The canonical index (`<name>.index.json`) wins, then the canonical file; without either, the folder's only
+    index, else its only `.safetensors`. Several candidates and no canonical one is ambiguous and raises, naming
+    them. `weights_names`: the canonical names (a family's own, or both libraries' when unknown).
+    """
+    folder = Path(folder)
+
+    def visible(pattern):
+        return sorted(p for p in folder.glob(pattern) if not p.name.startswith(".") and p.is_file())
+
+    # the caller's names first, then either library's (a diffusers-named file in a transformers folder is still
+    # more likely the model than a variant's index)
+    for names in (weights_names, CANONICAL_WEIGHTS):
+        canonical = []
+        for name in names:
+            if (folder / (name + ".index.json")).is_file():
+                canonical.append((folder / (name + ".index.json"), True))
+            elif (folder / name).is_file():
+                canonical.append((folder / name, False))
+        if len(canonical) == 1:
+            return canonical[0]
+        if len(canonical) > 1:
+            raise SafetensorsError(f"{folder}: both {[p.name for p, _ in canonical]} are present; it is unclear "
+                                   "which is the model (keep one)")
+    wanted = " / ".join(n for n in weights_names)
+    indexes = visible("*.safetensors.index.json")
+    if len(indexes) == 1:
+        return indexes[0], True
+    if len(indexes) > 1:
+        raise SafetensorsError(f"{folder}: several shard indexes {[p.name for p in indexes]} and none is named "
+                               f"{wanted}.index.json; keep only the model's")
+    found = visible("*.safetensors")
+    if not found:
+        raise SafetensorsError(f"{folder}: no .safetensors file in this folder")
+    if len(found) > 1:
+        raise SafetensorsError(f"{folder}: several .safetensors files {[p.name for p in found]}, none named "
+                               f"{wanted} and no *.safetensors.index.json saying how they fit together; it is "
+                               "unclear which is the model")
+    return found[0], False
+
+
 class SafetensorsFolder(_Reader):
-    """A folder holding one `*.safetensors` file, or shards listed by one `*.safetensors.index.json`.
+    """The weights of a model folder: one `.safetensors` file, or shards listed by a `*.safetensors.index.json`,
+    chosen as diffusers / transformers choose them (`choose_weights`).
 
     Same reading API as `SafetensorsFile`; keys are unique across shards. `metadata` is the index's "metadata" for
     a sharded folder, else the single file's `__metadata__`.
     """
 
-    def __init__(self, path, index: str | os.PathLike | None = None):
+    def __init__(self, path, index: str | os.PathLike | None = None,
+                 weights_names: Sequence[str] = CANONICAL_WEIGHTS):
         self.path = Path(path)
         if index is None:
-            indexes = sorted(p for p in self.path.glob("*.safetensors.index.json") if not p.name.startswith("."))
-            if len(indexes) > 1:
-                raise SafetensorsError(f"{self.path}: several shard indexes {[p.name for p in indexes]}; pass the "
-                                       "one to use")
-            index = indexes[0] if indexes else None
+            chosen, is_index = choose_weights(self.path, weights_names)
+            index = chosen if is_index else None
         self.index_path = None if index is None else Path(index)
         self.files, self._file_of = {}, {}
         if self.index_path is None:
-            found = sorted(p for p in self.path.glob("*.safetensors") if not p.name.startswith(".") and p.is_file())
-            if not found:
-                raise SafetensorsError(f"{self.path}: no .safetensors file in this folder")
-            if len(found) > 1:
-                raise SafetensorsError(f"{self.path}: several .safetensors files {[p.name for p in found]} and no "
-                                       "*.safetensors.index.json saying how they fit together")
-            f = SafetensorsFile(found[0])
+            f = SafetensorsFile(chosen)
             self.files, self._file_of, self._metadata = f.files, f._file_of, f._metadata
             return
         self._open_index()
@@ -355,11 +396,14 @@ class SafetensorsFolder(_Reader):
         return f"SafetensorsFolder({str(self.path)!r}, {len(self.files)} files, {len(self._file_of)} tensors)"
 
 
-def open_safetensors(path) -> SafetensorsFile | SafetensorsFolder:
-    """Open a `.safetensors` file, a folder (single file or sharded with an index), or an index JSON file."""
+def open_safetensors(path, weights_name: str | None = None) -> SafetensorsFile | SafetensorsFolder:
+    """Open a `.safetensors` file, a folder (single file or sharded with an index), or an index JSON file.
+
+    For a folder, `weights_name` is the model's canonical file name (e.g. `model.safetensors` for a transformers
+    checkpoint); by default either library's name counts (see `choose_weights`)."""
     p = Path(path)
     if p.is_dir():
-        return SafetensorsFolder(p)
+        return SafetensorsFolder(p, weights_names=(weights_name,) if weights_name else CANONICAL_WEIGHTS)
     if p.is_file():
         if p.name.endswith(".index.json"):
             return SafetensorsFolder(p.parent, index=p)

@@ -63,7 +63,7 @@ def from_diffusers(folder, *, dtype=jnp.float32, param_dtype=None, scan_layers: 
         model = abstract_model(fam, cfg, param_dtype=param_dtype or dtype, dtype=dtype, scan_layers=scan_layers,
                                remat=remat, attention_impl=attention_impl)
         shardings = _resolve_shardings(model, mesh, shardings)
-        reader = open_safetensors(folder)
+        reader = open_safetensors(folder, weights_name=fam.weights_name)
         get, available = source_reader(fam.source_names(reader.keys()), reader.get, reader.shape)
         model = load_into(model, fam, get, available, str(folder), shardings=shardings, progress=progress)
     return apply_loras(model, loras)

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,7 +14,8 @@ from turbojax.convert.params import default_source_names
 from turbojax.models.qwen_image import QWEN_IMAGE_20B, QWEN_IMAGE_TINY, QwenImageConfig, QwenImageTransformer
 from turbojax.models.qwen_image_keys import QWEN_IMAGE_KEYS
 from turbojax.models.qwen_llm import (QWEN2_5_VL_7B, QWEN2_5_VL_TINY, QWEN3_4B, QWEN3_TINY, LLMConfigError,
-                                      Qwen2_5_VLTextConfig, Qwen3TextConfig, QwenLLM, config_from_transformers)
+                                      Qwen2_5_VLTextConfig, Qwen3TextConfig, QwenLLM, _text_settings,
+                                      config_from_transformers)
 from turbojax.models.qwen_llm_keys import (QWEN2_5_VL_KEYS, QWEN3_KEYS, qwen2_5_vl_source_names,
                                            qwen3_source_names)
 from turbojax.models.qwen_llm_keys import stack_sizes as qwen_llm_stack_sizes
@@ -44,13 +48,72 @@ class Family:
     parse_config: Callable | None = None
 
 
-def _transformers_config(kind: str) -> Callable:
+def _transformers_config(kind: str, config_cls: type) -> Callable:
     def parse(raw: dict, source: str):
+        # transformers writes null for "the default" (e.g. head_dim), so None passes; the rest is typed like ours
+        text = _text_settings(raw, kind)
+        check_config_types(config_cls, {k: v for k, v in text.items() if v is not None}, source,
+                           skip={"mrope_section"})  # ours is derived from rope_scaling, not a config key
         try:
             return config_from_transformers(raw, source, kind)
         except LLMConfigError as e:
             raise ConfigError(str(e)) from None
+        except (TypeError, ValueError) as e:  # a value the checks above let through but the parser cannot use
+            raise ConfigError(f"{source}: {e}") from None
     return parse
+
+
+# ---- config value checks: a wrong type in a config.json must name the key, not fail deep inside the model ----
+
+_NAMES = {int: ("a positive integer", "positive integers"), float: ("a finite number", "finite numbers"),
+          bool: ("true/false", "true/false values"), str: ("a string", "strings"), type(None): ("null", "nulls")}
+
+
+def _type_name(tp, plural: bool = False) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a, plural) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0], True)}"
+        if len(set(args)) == 1:
+            return f"a list of {len(args)} {_type_name(args[0], True)}"
+        return f"a list of {len(args)} values ({', '.join(_type_name(a) for a in args)})"
+    return _NAMES.get(tp, (getattr(tp, "__name__", str(tp)),) * 2)[plural]
+
+
+def _conforms(value, tp) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, a) for a in args)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_conforms(v, args[0]) for v in value)
+        return len(value) == len(args) and all(_conforms(v, a) for v, a in zip(value, args))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:  # every integer of these configs is a size, count or channel number: zero makes no model
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    if tp is float:  # JSON writes 1.0 as 1 at times
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is str:
+        return isinstance(value, str)
+    return True  # an annotation without a check: the model's own validation decides
+
+
+def check_config_types(config_cls: type, raw: dict, source: str, skip=frozenset()) -> None:
+    """Raise ConfigError naming the file, key, value and expected type of the first field of `raw` that does not
+    fit the config dataclass's annotation (ints: >= 1; floats: finite)."""
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        if f.name in raw and f.name not in skip and not _conforms(raw[f.name], hints[f.name]):
+            v = raw[f.name]
+            raise ConfigError(f"{source}: key {f.name!r} is {json.dumps(v)} ({type(v).__name__}); expected "
+                              f"{_type_name(hints[f.name])}")
 
 
 _DIFFUSERS_BOOKKEEPING = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"})
@@ -88,7 +151,7 @@ FAMILIES: dict[str, Family] = {
         presets={"qwen2_5_vl_7b_text": QWEN2_5_VL_7B, "qwen2_5_vl_text_tiny": QWEN2_5_VL_TINY},
         weights_name="model.safetensors",
         source_names=qwen2_5_vl_source_names,
-        parse_config=_transformers_config("qwen2_5_vl"),
+        parse_config=_transformers_config("qwen2_5_vl", Qwen2_5_VLTextConfig),
     ),
     "qwen3_text": Family(
         name="qwen3_text",
@@ -100,7 +163,7 @@ FAMILIES: dict[str, Family] = {
         presets={"qwen3_4b_text": QWEN3_4B, "qwen3_text_tiny": QWEN3_TINY},
         weights_name="model.safetensors",
         source_names=qwen3_source_names,
-        parse_config=_transformers_config("qwen3"),
+        parse_config=_transformers_config("qwen3", Qwen3TextConfig),
     ),
     # VAEs: key tables are built from the config's structure (levels, blocks per level)
     "qwen_image_vae": Family(
@@ -156,11 +219,18 @@ def config_from_dict(fam: Family, raw: dict, source: str):
     unknown = sorted(set(raw) - fields - _DIFFUSERS_BOOKKEEPING - fam.ignored_config_keys)
     if unknown:
         raise ConfigError(f"{source}: config keys {unknown} are not understood by turbojax's {fam.name} model")
+    check_config_types(fam.config_cls, raw, source)
     kwargs = {}
     for k in fields & set(raw):
         v = raw[k]
         kwargs[k] = tuple(v) if isinstance(v, list) else v
-    return fam.config_cls(**kwargs)
+    cfg = fam.config_cls(**kwargs)
+    try:  # the same checks the model runs, here so that the message names the file
+        return cfg.validate() if hasattr(cfg, "validate") else cfg
+    except NotImplementedError as e:
+        raise NotImplementedError(f"{source}: {e}") from None
+    except ValueError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def config_to_dict(fam: Family, cfg) -> dict:
@@ -177,9 +247,11 @@ def read_component_config(folder: Path) -> tuple[Family, Any, str]:
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no config.json (expected a diffusers component folder such as "
                                 "<pipeline>/transformer)")
-    text = path.read_bytes().decode("utf-8")  # exact text (no newline translation) for round trips
     try:
+        text = path.read_bytes().decode("utf-8")  # exact text (no newline translation) for round trips
         raw = json.loads(text)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
