@@ -250,6 +250,15 @@ def test_apply_unapply_and_plain_path_unchanged(tmp_path):
     assert np.abs(np.asarray(merged.transformer_blocks.attn.to_q.kernel[...]) - k0).max() > 1e-2
     np.testing.assert_allclose(np.asarray(back.transformer_blocks.attn.to_q.kernel[...]), k0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(back.img_in.bias[...]), np.asarray(base.img_in.bias[...]), atol=1e-6)
+    # plain LoRA: unchanged low-rank entries, and a list strength is undone too (it used to be added twice)
+    plain = lora.load(write(tmp_path / "p.safetensors", make_patches(tm, QWEN_MODULES, ["lora"], seed=6), "videox"),
+                      base)
+    assert all(set(e) == {"a", "b", "scale"} for e in plain.values())
+    both = [(plain, 0.8), (adapter, -0.4)]
+    back = lora.unapply(lora.apply(base, both), both)
+    np.testing.assert_allclose(np.asarray(back.transformer_blocks.attn.to_q.kernel[...]), k0, atol=1e-5)
+    back = lora.unapply(lora.apply(base, [(plain, 0.8)]), [(plain, 0.8)])
+    np.testing.assert_allclose(np.asarray(back.transformer_blocks.attn.to_q.kernel[...]), k0, atol=1e-5)
     dora = write(tmp_path / "d.safetensors", make_patches(tm, QWEN_MODULES[:2], ["dora_out"], seed=5), "kohya")
     d_adapter = lora.load(dora, base)
     with pytest.raises(ValueError, match="DoRA"):

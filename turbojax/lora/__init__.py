@@ -112,31 +112,39 @@ def load(path, model) -> Adapter:
                                        biased_modules=_biased_modules(model)), model)
 
 
-def apply(model, adapters, strength: float = 1.0):
-    """A new model with the adapters merged in (`model` is left as it was): one adapter or `[(adapter, s), ...]`.
+def _items(adapters, strength: float) -> list:
+    """`[(adapter, s * strength), ...]` for one adapter or a list (`adapters.merge_params` ignores `strength` for a
+    list, which made `unapply(merged, [(adapter, s)])` add the delta a second time)."""
+    if isinstance(adapters, dict):
+        return [(adapters, strength)]
+    return [(a, float(s) * strength) for a, s in adapters]
 
-    Plain low-rank adapters go through `adapters.apply` unchanged; any merge-only entry routes the whole list
-    through `lycoris.merge_params` (in list order, each strength times `strength`).
+
+def apply(model, adapters, strength: float = 1.0):
+    """A new model with the adapters merged in (`model` is left as it was): one adapter or `[(adapter, s), ...]`,
+    every strength times `strength`.
+
+    Plain low-rank adapters go through `adapters.apply`; any merge-only entry (LoKr / LoHa / DoRA / .diff) routes
+    the whole list through `lycoris.merge_params` (in list order: DoRA sees the weight the earlier ones left).
     """
     from flax import nnx
 
     from turbojax.lora import lycoris
-    if not lycoris.has_merge_entries(adapters):
-        return _adapters.apply(model, adapters, strength)
-    items = [(adapters, strength)] if isinstance(adapters, dict) else [(a, s * strength) for a, s in adapters]
+    items = _items(adapters, strength)
+    if not lycoris.has_merge_entries(items):
+        return _adapters.apply(model, items)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return nnx.merge(graphdef, lycoris.merge_params(params, items), rest)
 
 
 def unapply(model, adapters, strength: float = 1.0):
-    """Inverse of `apply` for additive adapters; a DoRA merge rescales the base weight and is refused."""
+    """Inverse of `apply` for additive adapters (exact in fp32 up to rounding); a DoRA merge rescales the base
+    weight and cannot be undone: refused."""
     from turbojax.lora import lycoris
-    if not lycoris.has_merge_entries(adapters):
-        return _adapters.unapply(model, adapters, strength)
-    if lycoris.has_dora(adapters):
+    items = _items(adapters, strength)
+    if lycoris.has_dora(items):
         raise ValueError("a DoRA merge cannot be undone (it rescales the base weight); keep the base model instead")
-    items = [(adapters, strength)] if isinstance(adapters, dict) else [(a, s * strength) for a, s in adapters]
-    return apply(model, [(a, -s) for a, s in items])
+    return apply(model, [(a, -s) for a, s in reversed(items)])
 
 
 def save(path, adapter: Adapter, model, layout: str = "diffusers", dtype=np.float32) -> None:
