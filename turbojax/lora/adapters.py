@@ -4,7 +4,8 @@ An adapter is a plain pytree: `{module path: {"a": [..., in, r], "b": [..., r, o
 module path is the dotted NNX path of a `Linear` (e.g. "transformer_blocks.attn.to_q") and the leading `...` is the
 `layers` axis for scanned stacks. The weight delta is `scale * a @ b` (so `a` is torch's `lora_A.weight.T` and `b`
 is `lora_B.weight.T`, `scale = alpha / r`). Nothing here mutates a model: `merge` returns new parameters and the
-adapter itself is the trainable pytree handed to Optax (levanter style: differentiate only the trainables).
+trainable part (`split_trainable`: `a` and `b`, never `scale`) is what Optax sees (levanter style: differentiate only
+the trainables).
 """
 from __future__ import annotations
 
@@ -31,9 +32,29 @@ def init_adapter(model, targets: str | list[str], rank: int, alpha: float | None
     """Fresh adapter on every Linear whose module path fully matches one of the regexes in `targets`.
 
     PEFT-style init: `a` random (Kaiming-uniform over fan-in), `b` zeros, so the adapted model starts equal to
-    the base. Kept in `dtype` (fp32 masters by default) whatever the base dtype is.
+    the base. Kept in `dtype` (fp32 masters by default) whatever the base dtype is. A rank < 1, a non-positive or
+    non-finite alpha, a non-float dtype, an invalid regex or targets that match nothing raise ValueError.
     """
-    patterns = [re.compile(t) for t in ([targets] if isinstance(targets, str) else targets)]
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
+        raise ValueError(f"LoRA rank must be an integer >= 1, got {rank!r}")
+    rank = int(rank)
+    if alpha is not None and (isinstance(alpha, bool) or not np.isfinite(np.float64(alpha)) or alpha <= 0):
+        raise ValueError(f"LoRA alpha must be a finite number > 0, got {alpha!r}")
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"LoRA dtype {dtype!r} is not a dtype") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"LoRA dtype must be floating point (float32, bfloat16, ...), got {dt.name}")
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if not targets:
+        raise ValueError("LoRA targets are empty; give at least one regex over module paths")
+    patterns = []
+    for t in targets:
+        try:
+            patterns.append(re.compile(t))
+        except (re.error, TypeError) as e:
+            raise ValueError(f"LoRA target {t!r} is not a valid regex: {e}") from None
     kernels = {p: s for p, s in linear_kernels(model).items() if any(r.fullmatch(p) for r in patterns)}
     if not kernels:
         raise ValueError(f"LoRA targets {targets!r} match no Linear layer; module paths look like "
@@ -43,10 +64,29 @@ def init_adapter(model, targets: str | list[str], rank: int, alpha: float | None
     for i, (path, shape) in enumerate(sorted(kernels.items())):
         *lead, n_in, n_out = shape
         bound = 1.0 / np.sqrt(n_in)
-        a = jax.random.uniform(jax.random.fold_in(rng, i), (*lead, n_in, rank), dtype, -bound, bound)
-        adapter[path] = {"a": a, "b": jnp.zeros((*lead, rank, n_out), dtype),
+        a = jax.random.uniform(jax.random.fold_in(rng, i), (*lead, n_in, rank), dt, -bound, bound)
+        adapter[path] = {"a": a, "b": jnp.zeros((*lead, rank, n_out), dt),
                          "scale": jnp.full(tuple(lead), alpha / rank, jnp.float32)}
     return adapter
+
+
+TRAINABLE_KEYS = ("a", "b")  # `scale` (alpha / r) is fixed metadata: never differentiated, optimised or checkpointed
+
+
+def split_trainable(adapter: Adapter) -> tuple[dict, dict]:
+    """`(trainable, fixed)`: `{path: {"a", "b"}}` for gradients / optimizer / checkpoints, `{path: {"scale", ...}}`
+    for everything else. `join_trainable(trainable, fixed)` gives the adapter back."""
+    trainable = {p: {k: v for k, v in e.items() if k in TRAINABLE_KEYS} for p, e in adapter.items()}
+    fixed = {p: {k: v for k, v in e.items() if k not in TRAINABLE_KEYS} for p, e in adapter.items()}
+    return trainable, fixed
+
+
+def join_trainable(trainable: Mapping[str, Mapping], fixed: Mapping[str, Mapping]) -> Adapter:
+    """Inverse of `split_trainable` (works under jit/grad: it only rebuilds dicts)."""
+    if trainable.keys() != fixed.keys():
+        raise KeyError(f"trainable and fixed parts cover different modules: "
+                       f"{sorted(set(trainable) ^ set(fixed))[:4]}")
+    return {p: {**fixed[p], **trainable[p]} for p in trainable}
 
 
 def delta(entry: Mapping[str, jax.Array]) -> jax.Array:
