@@ -119,6 +119,18 @@ def test_temp_folder_of_killed_run_is_removed_by_next_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jax", "src"]
 
 
+def test_signal_during_a_critical_step_is_held_back_then_raised():
+    from turbojax.convert.atomic import Interrupted, held_interrupts, raise_interrupted
+    done = []
+    with pytest.raises(Interrupted) as e:
+        with held_interrupts():
+            raise_interrupted(signal.SIGTERM)  # what the CLI's handler calls
+            done.append("the step finished")
+    assert done == ["the step finished"] and e.value.signum == signal.SIGTERM
+    with pytest.raises(Interrupted):
+        raise_interrupted(signal.SIGTERM)  # outside a critical step: at once
+
+
 def _fake_temp(path: Path, pid: int, lock: bool = False):
     path.mkdir()
     (path / "params").mkdir()
@@ -195,6 +207,7 @@ def test_existing_destination_hint_names_the_flag(tmp_path, capsys):
     ("part_size_negative", "--part-size-mb must be >= 1, got -5"),
     ("export_to_jax", "turbojax export already; convert it back with to-torch"),
     ("diffusers_to_torch", "not a turbojax export; convert it with to-jax"),
+    ("export_meta_damaged", r"turbojax.json: corrupt metadata \(no 'parts'\)"),
     ("config_is_folder", "config.json"),
     ("config_not_utf8", "config.json: not UTF-8"),
     ("weights_folder_only", "no .safetensors file"),
@@ -227,6 +240,12 @@ def test_cli_mistakes_give_one_error_line(tmp_path, capsys, case, match):
         src = tmp_path / "work" / "exp"
     elif case == "diffusers_to_torch":
         cmd = "to-torch"
+    elif case == "export_meta_damaged":
+        to_jax(src, tmp_path / "work" / "exp", progress=False)
+        meta = json.loads((tmp_path / "work" / "exp" / "turbojax.json").read_text())
+        del meta["parts"]
+        (tmp_path / "work" / "exp" / "turbojax.json").write_text(json.dumps(meta))
+        cmd, src, dst = "to-torch", tmp_path / "work" / "exp", tmp_path / "work" / "back"
     elif case == "config_is_folder":
         (src / "config.json").unlink()
         (src / "config.json").mkdir()

@@ -104,8 +104,13 @@ def read_meta(directory: Path) -> dict:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: corrupt metadata ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: corrupt metadata (expected a JSON object)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: unsupported format_version {meta.get('format_version')}")
+    missing = [k for k in ("family", "config", "scan_layers", "parts", "leaves") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: corrupt metadata (no {', '.join(map(repr, missing))})")
     for part in meta["parts"]:
         if not (Path(directory) / "params" / part["name"]).is_dir():
             raise CheckpointError(f"{directory}: missing checkpoint part params/{part['name']}")

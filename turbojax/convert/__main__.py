@@ -36,7 +36,7 @@ def _signals_unwind():
     temp folders; a rename already under way finishes first. A second SIGTERM during cleanup is ignored; a second
     Ctrl-C stops at once (the next run into the same DST removes what is left). The previous handlers come back
     at the end (main() is also called in-process, e.g. by tests)."""
-    from turbojax.convert.atomic import raise_interrupted
+    from turbojax.convert import atomic
 
     if threading.current_thread() is not threading.main_thread():
         yield  # handlers can only be set from the main thread
@@ -45,7 +45,7 @@ def _signals_unwind():
     def handler(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        raise_interrupted(signum, frame)
+        atomic.raise_interrupted(signum, frame)
 
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     for sig, old in saved.items():
@@ -56,6 +56,7 @@ def _signals_unwind():
     finally:
         for sig, old in saved.items():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        atomic._pending.clear()  # one held back as the output was completed: this run is over anyway
 
 
 def _same_or_inside(a: Path, b: Path) -> bool:
