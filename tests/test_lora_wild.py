@@ -25,9 +25,10 @@ from turbojax.lora.formats import LoraFormatError, read_lora
 TOL = 1e-4
 EPS32 = float(np.finfo(np.float32).eps)
 
-QWEN_MODULES = ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_k", "transformer_blocks.0.attn.to_out.0",
-                "transformer_blocks.1.attn.add_v_proj", "transformer_blocks.0.img_mlp.net.0.proj",
-                "transformer_blocks.1.txt_mlp.net.2", "transformer_blocks.0.img_mod.1", "img_in", "proj_out"]
+QWEN_MODULES = ["transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_k",
+                "transformer_blocks.0.attn.to_out.0", "transformer_blocks.1.attn.add_v_proj",
+                "transformer_blocks.0.img_mlp.net.0.proj", "transformer_blocks.1.txt_mlp.net.2",
+                "transformer_blocks.0.img_mod.1", "img_in", "proj_out"]
 Z_MODULES = ["layers.0.attention.to_q", "layers.1.attention.to_out.0", "layers.0.feed_forward.w1",
              "layers.1.adaLN_modulation.0", "noise_refiner.0.attention.to_k", "noise_refiner.1.feed_forward.w2",
              "context_refiner.0.attention.to_v", "context_refiner.1.feed_forward.w3", "all_x_embedder.2-1",
@@ -60,8 +61,8 @@ def make_patch(kind, w, rng, scale=0.3):
             p["lokr_w1"], p["lokr_w2"] = g(a, c), g(b, d)
         elif kind == "lokr_w2":  # LyCORIS default: w1 full, w2 factorised
             p["lokr_w1"], p["lokr_w2_a"], p["lokr_w2_b"] = g(a, c), g(b, r), g(r, d)
-        else:  # decompose_both
-            p["lokr_w1_a"], p["lokr_w1_b"], p["lokr_w2_a"], p["lokr_w2_b"] = g(a, r), g(r, c), g(b, r), g(r, d)
+        else:  # decompose_both; different ranks so that it shows which one scales (ComfyUI: w2's)
+            p["lokr_w1_a"], p["lokr_w1_b"], p["lokr_w2_a"], p["lokr_w2_b"] = g(a, r + 1), g(r + 1, c), g(b, r), g(r, d)
         p["alpha"] = np.array(r * 2.0, np.float32)
     elif kind == "loha":
         p["hada_w1_a"], p["hada_w1_b"], p["hada_w2_a"], p["hada_w2_b"] = g(out, r), g(r, inn), g(out, r), g(r, inn)
@@ -203,8 +204,10 @@ def test_videox_fun_z_image_distill_every_linear(tmp_path):
     from safetensors import safe_open
     with safe_open(str(f), "np") as fh:
         keys = set(fh.keys())
-    assert {"lora_unet__noise_refiner_0_feed_forward_w1.lora_down.weight", "lora_unet__layers_1_attention_to_out_0.alpha",
-            "lora_unet__context_refiner_1_attention_to_k.lora_up.weight", "lora_unet__all_x_embedder_2-1.alpha"} <= keys
+    assert {"lora_unet__noise_refiner_0_feed_forward_w1.lora_down.weight",
+            "lora_unet__layers_1_attention_to_out_0.alpha",
+            "lora_unet__context_refiner_1_attention_to_k.lora_up.weight",
+            "lora_unet__all_x_embedder_2-1.alpha"} <= keys
     check(tmp_path, "z_image", [(f, 1.0)], [(patches, 1.0)], scan=False)
     got = read_lora(f, family="z_image")
     assert len(got) == len(names) and all(isinstance(m, lora.LoraModule) for m in got.values())  # plain, trainable
