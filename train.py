@@ -1,79 +1,104 @@
 """turbojax training entry point (big_vision style: one narrative script, policy in the config).
 
-    python train.py --config configs/qwen_image_lora.py [--config.total_steps 100 ...]
+    python train.py [--config configs/qwen_image_lora.py] [--config.total_steps 100 ...] [--workdir DIR]
 
 Today it runs LoRA flow-matching fine-tuning of a frozen Qwen-Image transformer; the distillation objectives
-(DMD2, PCM, ArcFlow, Turbo++) plug into the same loop. Only the trainables (the LoRA adapter and its optimizer
-state) are differentiated and checkpointed; the frozen base stays in `param_dtype`. Training resumes from the
-latest checkpoint in `workdir`.
+(DMD2, PCM, ArcFlow, Turbo++) plug into the same loop. Only the trainables (the LoRA `a`/`b` and their optimizer
+state) are differentiated and checkpointed; the LoRA scale and the frozen base stay fixed. Training resumes from the
+latest checkpoint in the workdir. The reusable machinery lives in `turbojax.training` (config checks, checkpoints,
+NaN/Inf and SIGTERM guards, metrics log); this file only tells the story.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
+import sys
 from pathlib import Path
 
-from absl import app, flags
-from ml_collections import config_flags
+from turbojax.training import UserError, run_cli
+from turbojax.training import config as config_lib
 
-config_flags.DEFINE_config_file("config", "configs/qwen_image_lora.py", "Training config file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Overrides config.workdir.")
-FLAGS = flags.FLAGS
+HERE = Path(__file__).resolve().parent
+DEFAULT_CONFIG = HERE / "configs" / "qwen_image_lora.py"
 
 
-def main(argv):
-    del argv
+def main(argv: list[str]) -> int:
+    # Every command-line mistake is reported here, before JAX is imported or any folder is created.
+    cfg, flag_values = config_lib.parse_args(argv, default_config=DEFAULT_CONFIG, flags={"workdir": None},
+                                             search_dirs=[HERE])
+    config_lib.validate(cfg)
+    workdir = config_lib.check_workdir(flag_values["workdir"] or cfg.workdir,
+                                       "--workdir" if flag_values["workdir"] else "--config.workdir")
+
     import jax
     import jax.numpy as jnp
     import numpy as np
     import optax
-    import orbax.checkpoint as ocp
+    from absl import logging as absl_logging
     from flax import nnx
 
     from turbojax import lora, models
+    from turbojax.nn import attention
     from turbojax.sharding import batch_sharding, make_mesh, param_shardings
+    from turbojax.training.checkpoints import Checkpoints
+    from turbojax.training.guards import MetricsBuffer, StopSignal
+    from turbojax.training.metrics_log import MetricsLog
     from turbojax.utils import progress_bar
 
-    from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
-    cfg = FLAGS.config
-    workdir = Path(FLAGS.workdir or cfg.workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    cache = Path(__file__).resolve().parent / ".jax_cache"
-    jax.config.update("jax_compilation_cache_dir", str(cache))
+    jax.config.update("jax_compilation_cache_dir", str(HERE / ".jax_cache"))
 
     # ---------------------------------------------------------------------------------------------------------
     # Mesh and frozen base model, sharded at birth
     # ---------------------------------------------------------------------------------------------------------
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    try:
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    except ValueError as e:
+        raise UserError(f"--config.mesh: {e}") from None
+    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % n_batch_shards:
+        raise UserError(f"--config.batch_size {cfg.batch_size} must be a multiple of the {n_batch_shards} "
+                        f"data-parallel devices (mesh data x fsdp)")
+    if cfg.attention_impl not in attention.IMPLEMENTATIONS:  # otherwise only seen when the step is traced
+        raise UserError(f"--config.attention_impl must be one of {', '.join(attention.IMPLEMENTATIONS)}; "
+                        f"got {cfg.attention_impl!r}")
     param_dtype, dtype = jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
     model_kw = dict(param_dtype=param_dtype, dtype=dtype, scan_layers=cfg.scan_layers, remat=cfg.remat,
                     attention_impl=cfg.attention_impl)
-    if cfg.init_from:
-        base = models.from_diffusers(cfg.init_from, mesh=mesh, **model_kw)
-    else:
-        abstract = nnx.eval_shape(lambda: models.create(cfg.model, seed=cfg.seed, **model_kw))
-        shardings = param_shardings(abstract, mesh)
-        out_shardings = nnx.from_flat_state([(p, shardings[tuple(str(x) for x in p)])
-                                             for p, _ in nnx.to_flat_state(nnx.state(abstract))])
-        state = jax.jit(lambda: nnx.state(models.create(cfg.model, seed=cfg.seed, **model_kw)),
-                        out_shardings=out_shardings)()
-        base = nnx.merge(nnx.graphdef(abstract), state)
+    try:
+        if cfg.init_from:
+            base = models.from_diffusers(cfg.init_from, mesh=mesh, **model_kw)
+        else:
+            abstract = nnx.eval_shape(lambda: models.create(cfg.model, seed=cfg.seed, **model_kw))
+            shardings = param_shardings(abstract, mesh)
+            out_shardings = nnx.from_flat_state([(p, shardings[tuple(str(x) for x in p)])
+                                                 for p, _ in nnx.to_flat_state(nnx.state(abstract))])
+            state = jax.jit(lambda: nnx.state(models.create(cfg.model, seed=cfg.seed, **model_kw)),
+                            out_shardings=out_shardings)()
+            base = nnx.merge(nnx.graphdef(abstract), state)
+    except (ValueError, OSError) as e:  # unknown preset / remat / attention name, missing or bad weights folder
+        source = f"--config.init_from {cfg.init_from}" if cfg.init_from else f"model {cfg.model}"
+        raise UserError(f"cannot build the {source}: {e}") from None
     graphdef, frozen = nnx.split(base)
     mcfg = base.config
     print("base model %s: %.2fM params" % (cfg.model,
                  sum(int(np.prod(v.shape)) for v in jax.tree.leaves(frozen)) / 1e6), flush=True)
 
     # ---------------------------------------------------------------------------------------------------------
-    # Trainables: LoRA adapter (fp32 masters) + optimizer
+    # Trainables: LoRA a/b (fp32 masters) + optimizer; the scale alpha/r is fixed, outside the gradient
     # ---------------------------------------------------------------------------------------------------------
-    adapter = lora.init_adapter(base, list(cfg.lora.targets), cfg.lora.rank, cfg.lora.alpha,
-                                rng=jax.random.key(cfg.seed + 1))
-    schedule = optax.warmup_constant_schedule(0.0, cfg.lr, cfg.warmup_steps)
+    try:
+        adapter = lora.init_adapter(base, list(cfg.lora.targets), cfg.lora.rank, cfg.lora.alpha,
+                                    rng=jax.random.key(cfg.seed + 1))
+    except ValueError as e:
+        raise UserError(f"--config.lora.targets: {e}") from None
+    trainable, fixed = lora.split_trainable(adapter)
+    # optax's warm-up with 0 steps stays at lr 0 forever, so no warm-up is a constant schedule
+    schedule = (optax.warmup_constant_schedule(0.0, cfg.lr, cfg.warmup_steps) if cfg.warmup_steps
+                else optax.constant_schedule(cfg.lr))
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                      optax.adamw(schedule, weight_decay=cfg.weight_decay))
-    train_state = {"adapter": adapter, "opt": tx.init(adapter), "step": jnp.zeros((), jnp.int32)}
+    train_state = {"trainable": trainable, "opt": tx.init(trainable), "step": jnp.zeros((), jnp.int32)}
 
     # ---------------------------------------------------------------------------------------------------------
     # Data: a fixed synthetic set of (latent, text feature) pairs until the data pipeline lands
@@ -88,8 +113,8 @@ def main(argv):
     texts = text_proto[labels]
     img_shapes = ((1, h, w),)
 
-    def loss_fn(adapter, frozen, x0, ctx, rng):
-        model = nnx.merge(graphdef, lora.merge_params(frozen, adapter))
+    def loss_fn(trainable, fixed, frozen, x0, ctx, rng):
+        model = nnx.merge(graphdef, lora.merge_params(frozen, lora.join_trainable(trainable, fixed)))
         k1, k2 = jax.random.split(rng)
         noise = jax.random.normal(k1, x0.shape, jnp.float32)
         sigma = jax.nn.sigmoid(jax.random.normal(k2, (x0.shape[0],)))  # logit-normal time
@@ -98,51 +123,72 @@ def main(argv):
         return jnp.mean(jnp.square(v - (noise - x0)))
 
     @jax.jit
-    def train_step(train_state, frozen, x0, ctx, rng):
-        loss, grads = jax.value_and_grad(loss_fn)(train_state["adapter"], frozen, x0, ctx, rng)
-        updates, opt = tx.update(grads, train_state["opt"], train_state["adapter"])
-        new = {"adapter": optax.apply_updates(train_state["adapter"], updates), "opt": opt,
+    def train_step(train_state, fixed, frozen, x0, ctx, rng):
+        loss, grads = jax.value_and_grad(loss_fn)(train_state["trainable"], fixed, frozen, x0, ctx, rng)
+        updates, opt = tx.update(grads, train_state["opt"], train_state["trainable"])
+        new = {"trainable": optax.apply_updates(train_state["trainable"], updates), "opt": opt,
                "step": train_state["step"] + 1}
-        return new, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        # grad_norm catches NaN/Inf gradients behind a finite loss; param_norm catches an update that overflowed
+        return new, {"loss": loss, "grad_norm": optax.global_norm(grads),
+                     "param_norm": optax.global_norm(new["trainable"])}
 
     # ---------------------------------------------------------------------------------------------------------
-    # Checkpointing (trainables only) and resume
+    # Checkpoints (trainables only), resume, metrics log
     # ---------------------------------------------------------------------------------------------------------
-    manager = ocp.CheckpointManager(
-        workdir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_checkpoints, create=True,
-                                             save_interval_steps=cfg.checkpoint_every))
-    if manager.latest_step() is not None:
-        step0 = manager.latest_step()
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), train_state)
-        train_state = manager.restore(step0, args=ocp.args.StandardRestore(target))
-        print(f"resumed from step {step0}", flush=True)
-    start = int(train_state["step"])
+    ckpt = Checkpoints(workdir / "checkpoints", every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
+                       hint="resume with the config it was trained with (e.g. the old --config.lora.rank / "
+                            "targets) or start a new --workdir")
+    try:
+        train_state, start = ckpt.restore_latest(train_state)
+        if start:
+            print(f"resumed from step {start}", flush=True)
 
-    # ---------------------------------------------------------------------------------------------------------
-    # Loop
-    # ---------------------------------------------------------------------------------------------------------
-    bsh = batch_sharding(mesh)
-    metrics_path = workdir / "metrics.jsonl"
-    for step in progress_bar(range(start, cfg.total_steps), desc="train", total=cfg.total_steps - start,
-                             unit="step"):
-        idx = np.random.default_rng(cfg.seed * 100003 + step).choice(cfg.num_examples, cfg.batch_size)
-        x0 = jax.device_put(latents[idx].astype(np.float32), bsh)
-        ctx = jax.device_put(texts[idx], bsh)
-        train_state, metrics = train_step(train_state, frozen, x0, ctx, jax.random.key(cfg.seed * 7919 + step))
-        manager.save(step + 1, args=ocp.args.StandardSave(train_state))
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.total_steps:
-            m = {k: float(v) for k, v in metrics.items()} | {"step": step + 1}
-            print(json.dumps(m), flush=True)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
-    manager.wait_until_finished()
+        # -----------------------------------------------------------------------------------------------------
+        # Loop: the host syncs only to log or to save, and a state is saved only after its metrics (and those
+        # of every step before it) were found finite. SIGTERM saves the current step and exits 0.
+        # -----------------------------------------------------------------------------------------------------
+        if start >= cfg.total_steps:
+            print(f"nothing to train: the checkpoint is at step {start}, total_steps is {cfg.total_steps}",
+                  flush=True)
+        bsh = batch_sharding(mesh)
+        buffer = MetricsBuffer()
+        with MetricsLog(workdir / "metrics.jsonl", resume_step=start) as metrics_log, StopSignal() as stop:
+            for step in progress_bar(range(start + 1, cfg.total_steps + 1), desc="train",
+                                     total=max(cfg.total_steps - start, 0), unit="step"):
+                idx = np.random.default_rng(cfg.seed * 100003 + step - 1).choice(cfg.num_examples, cfg.batch_size)
+                x0 = jax.device_put(latents[idx].astype(np.float32), bsh)
+                ctx = jax.device_put(texts[idx], bsh)
+                train_state, metrics = train_step(train_state, fixed, frozen, x0, ctx,
+                                                  jax.random.key(cfg.seed * 7919 + step - 1))
+                buffer.push(step, metrics)
+                stopping = stop.requested  # read once: a signal arriving later in this step is seen next step
+                log_now = step % cfg.log_every == 0 or step == cfg.total_steps
+                final = step == cfg.total_steps or stopping
+                if log_now or final or ckpt.should_save(step):
+                    records = buffer.flush()  # NonFiniteError here: nothing of this state is saved
+                    if log_now:
+                        print(metrics_log.write(step, records[-1][1]), end="", flush=True)
+                    ckpt.save(step, train_state, force=final)
+                if stopping:
+                    ckpt.wait()
+                    print(f"{stop.signame}: saved the checkpoint of step {step} to {ckpt.path(step)}; "
+                          f"rerun the same command to resume", flush=True)
+                    return 0
+    finally:
+        ckpt.close()  # lets an async save of an earlier (good) state finish, also on errors
 
     out = workdir / "lora.safetensors"
-    lora.save(out, train_state["adapter"], base, layout="diffusers")
+    if start >= cfg.total_steps and out.is_file():
+        print(f"{out} is already there")  # a finished run rerun changes nothing
+        return 0
+    try:
+        lora.save(out, lora.join_trainable(train_state["trainable"], fixed), base, layout="diffusers")
+    except lora.LoraFormatError as e:  # all-zero `b` after training (lr 0): nothing to write
+        raise UserError(f"{e} (the trained LoRA is still zero; is --config.lr 0?)") from None
     print(f"saved LoRA (diffusers layout) to {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=os.environ.get("TURBOJAX_LOGLEVEL", "INFO"))
-    app.run(main)
+    logging.basicConfig(level=os.environ.get("TURBOJAX_LOGLEVEL", "WARNING"))
+    sys.exit(run_cli(main))

@@ -3,6 +3,10 @@
     python train.py --config configs/qwen_image_lora.py                      # tiny, random init, synthetic data
     python train.py --config configs/qwen_image_lora.py:real \\
         --config.init_from /path/to/Qwen-Image/transformer --config.total_steps 1000
+    python train.py --config.lora.targets='["transformer_blocks\\.attn\\.to_q"]' --config.lora.rank 8
+
+Every number is checked by `turbojax.training.config.validate` before anything runs (counts and sizes >= 1,
+rates >= 0, all finite); a field added here that needs its own bound gets a rule there or in the script.
 """
 import ml_collections
 

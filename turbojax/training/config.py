@@ -33,6 +33,7 @@ import importlib.util
 import json
 import math
 import operator
+import warnings
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -196,6 +197,9 @@ def _literal(text: str):
     try:
         return json.loads(text)
     except ValueError:
+        pass
+    with warnings.catch_warnings():  # regexes such as "a\.b" are invalid escapes for Python, kept verbatim
+        warnings.simplefilter("ignore")
         return ast.literal_eval(text)
 
 
