@@ -63,6 +63,11 @@ def dmd2_config() -> ml_collections.ConfigDict:
     for g, lr in (("student", 1e-5), ("fake", 1e-5), ("disc", 1e-5)):
         c.opt[g] = ml_collections.ConfigDict(dict(lr=lr))
 
+    # where batches come from: "digits" (the embedded demo) or "prompts" (a text / JSONL file of prompts encoded at
+    # start-up by the pipeline's text encoder; D's reals are then teacher samples generated at start-up)
+    c.data = ml_collections.ConfigDict(dict(kind="prompts", prompts="", negative_prompt=" ", max_sequence_length=512,
+                                            teacher_samples_per_class=16, teacher_steps=50, width=1024,
+                                            height=1024))
     c.batch_size = 4
     c.total_steps = 5000
     c.log_every = 10

@@ -1,0 +1,1 @@
+"""Data for training: batches from memory today; prompt sources and on-disk caches next."""
