@@ -271,6 +271,24 @@ def test_apply_unapply_and_plain_path_unchanged(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_sharded_model_keeps_shardings(tmp_path):
+    """Merging a merge-only file into a model sharded over the 8-device mesh keeps every parameter's sharding."""
+    from turbojax.sharding import make_mesh
+    tm = tiny_qwen(seed=12)
+    tm.save_pretrained(tmp_path / "transformer")
+    patches = make_patches(tm, QWEN_MODULES, ["lokr_w2", "dora_in", "diff"], seed=7)
+    f = write(tmp_path / "m.safetensors", patches, "lycoris")
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    base = models.from_diffusers(tmp_path / "transformer", mesh=mesh, progress=False)
+    merged = lora.apply(base, [(lora.load(f, base), 0.6)])
+    assert any(a is not None for a in base.transformer_blocks.attn.to_q.kernel[...].sharding.spec)  # sharded
+    assert (merged.transformer_blocks.attn.to_q.kernel[...].sharding.spec
+            == base.transformer_blocks.attn.to_q.kernel[...].sharding.spec)
+    assert merged.img_in.bias[...].sharding.spec == base.img_in.bias[...].sharding.spec
+    inputs = qwen_inputs(np.random.default_rng(0))
+    assert max_rel_err(np.asarray(merged(**inputs)), run_torch(hand_merged(tm, [(patches, 0.6)]), inputs)) < TOL
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # refusals: one line naming the key
 
