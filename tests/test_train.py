@@ -27,10 +27,13 @@ def _env():
     return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"TURBOJAX_PROGRESS": "0"}
 
 
+LORA_CONFIG = ["--config", "configs/qwen_image_lora.py"]  # relative: found next to train.py from any folder
+
+
 def run_train(cwd, workdir, *overrides, expect_rc=0):
-    """`python /abs/path/train.py` from `cwd` (not the repository): the default config resolves next to the script."""
-    r = subprocess.run([sys.executable, TRAIN, "--workdir", str(workdir), "--config.checkpoint_every", "3",
-                        "--config.log_every", "3", *overrides],
+    """`python /abs/path/train.py` from `cwd` (not the repository): relative config paths resolve next to the script."""
+    r = subprocess.run([sys.executable, TRAIN, *LORA_CONFIG, "--workdir", str(workdir),
+                        "--config.checkpoint_every", "3", "--config.log_every", "3", *overrides],
                        cwd=cwd, capture_output=True, text=True, env=_env(), timeout=600)
     assert r.returncode == expect_rc, r.stdout[-2000:] + r.stderr[-3000:]
     return r
@@ -107,7 +110,7 @@ def test_train_nan_stops_sigterm_saves_and_changed_rank_is_refused(tmp_path):
 
     # 2. rerun with a sane lr: resumes from it; SIGTERM mid-run saves the current step and exits 0
     err = open(tmp_path / "stderr.txt", "w")
-    proc = subprocess.Popen([sys.executable, TRAIN, "--workdir", str(w), *common, "--config.total_steps", "100000",
+    proc = subprocess.Popen([sys.executable, TRAIN, *LORA_CONFIG, "--workdir", str(w), *common, "--config.total_steps", "100000",
                              "--config.checkpoint_every", "100000"], cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=err, text=True, env=_env())
     out, deadline = [], time.time() + 600
@@ -150,9 +153,13 @@ def test_train_nan_stops_sigterm_saves_and_changed_rank_is_refused(tmp_path):
 
 
 def test_train_cli_mistake_is_one_line_from_any_folder(tmp_path):
-    """Unknown --config key (absl used to print three chained tracebacks): one line, nothing created."""
-    r = subprocess.run([sys.executable, TRAIN, "--workdir", "w", "--config.lora.rnak", "3"], cwd=tmp_path,
-                       capture_output=True, text=True, env=_env(), timeout=300)
+    """Unknown --config key (absl used to print three chained tracebacks): one line, nothing created; and the
+    default config is found from another folder."""
+    r = subprocess.run([sys.executable, TRAIN, *LORA_CONFIG, "--workdir", "w", "--config.lora.rnak", "3"],
+                       cwd=tmp_path, capture_output=True, text=True, env=_env(), timeout=300)
     assert r.returncode == 1
     assert error_line(r) == "error: unknown config key --config.lora.rnak; did you mean --config.lora.rank?"
     assert r.stderr.count("\n") == 1 and not (tmp_path / "w").exists()
+    r = subprocess.run([sys.executable, TRAIN, "--help"], cwd=tmp_path, capture_output=True, text=True, env=_env(),
+                       timeout=300)
+    assert r.returncode == 0 and "--config.total_steps" in r.stdout, r.stderr[-2000:]

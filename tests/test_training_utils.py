@@ -123,12 +123,13 @@ def test_train_main_reports_config_mistakes_before_creating_anything(tmp_path, c
     finally:
         sys.path.remove(str(REPO))
     (tmp_path / "file").write_text("x")
+    lora_config = ["--config", "configs/qwen_image_lora.py"]  # relative to train.py's folder (cwd is elsewhere)
     cases = [(["--config", "missing.py", "--workdir", "w1"], "error: --config file missing.py not found"),
              (["--config.batch_size", "0", "--workdir", "w2"], "error: --config.batch_size must be >= 1, got 0"),
              (["--config.total_steps", "0", "--workdir", "w3"], "error: --config.total_steps must be >= 1, got 0"),
              (["--workdir", "file"], "error: --workdir file exists and is not a folder")]
     for argv, message in cases:
-        assert run_cli(train.main, argv) == 1
+        assert run_cli(train.main, lora_config + argv) == 1
         err = capsys.readouterr().err
         assert err.startswith(message) and err.count("\n") == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
