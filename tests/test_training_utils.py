@@ -103,6 +103,16 @@ def test_validate_rejects_bad_numbers(override, message):
     assert str(e.value).startswith(message)
 
 
+def test_validate_first_matching_rule_decides():
+    import ml_collections
+    cfg = ml_collections.ConfigDict({"sample_every": 0, "log_every": 0})
+    with pytest.raises(C.ConfigError, match=r"--config.log_every must be >= 1, got 0"):
+        C.validate(cfg)  # sample_every 0 (off) passes: its own rule comes before "*_every"
+    C.validate(cfg, rules={"student.rank": ">=2", **C.DEFAULT_RULES, "*_every": ">=0"})
+    with pytest.raises(C.ConfigError, match=r"--config.student.rank must be >= 2, got 1"):
+        C.validate(ml_collections.ConfigDict({"student": {"rank": 1}}), rules={"student.rank": ">=2", **C.DEFAULT_RULES})
+
+
 def test_check_workdir(tmp_path):
     (tmp_path / "f").write_text("keep")
     assert C.check_workdir(str(tmp_path / "new" / "run")) == tmp_path / "new" / "run"

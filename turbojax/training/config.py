@@ -22,7 +22,8 @@ default is None takes a Python literal, else the string. Unknown keys are errors
 
 `validate` rules: every number in the config (also inside lists) must be finite; `rules` maps fnmatch patterns over
 dotted keys (`"*lr"` matches `lr` and `student.lr`) to conditions `">=1"`, `">0"`, `"<=1"`, `"!=0"`, joined by `,`
-(all must hold). Error text: `--config.batch_size must be >= 1, got 0`.
+(all must hold). The first pattern that matches a key decides (so specific patterns go first, as
+`"*sample_every": ">=0"` before `"*_every": ">=1"`). Error text: `--config.batch_size must be >= 1, got 0`.
 """
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ class ConfigError(UserError):
     """A bad config file, flag, key or value."""
 
 
-# Conditions for the fields our configs share; a script passes its own `rules` ({**DEFAULT_RULES, ...}) for more.
+# Conditions for the fields our configs share, first match wins; a script passes its own `rules` for more
+# (`{"gan.weight": ">=0", **DEFAULT_RULES}`: its specific patterns first).
 DEFAULT_RULES: dict[str, str] = {
     "seed": ">=0,<2147483648",
     "*batch_size": ">=1",
@@ -56,6 +58,7 @@ DEFAULT_RULES: dict[str, str] = {
     "*learning_rate": ">=0",
     "*weight_decay": ">=0",
     "*grad_clip": ">0",
+    "*sample_every": ">=0",  # 0: no sample grids
     "*_every": ">=1",
     "*keep_checkpoints": ">=1",
     "*rank": ">=1",
@@ -366,11 +369,11 @@ def validate(cfg: ml_collections.ConfigDict, rules: Mapping[str, str] = DEFAULT_
         for name, x in _numbers(key, value):
             if not math.isfinite(x):
                 raise ConfigError(f"--config.{name} must be a finite number, got {x}")
-            for pattern, rule in rules.items():
-                if fnmatch.fnmatchcase(key, pattern):
-                    conds = _conditions(rule)
-                    if not all(_OPS[op](x, v) for op, v in conds):
-                        raise ConfigError(f"--config.{name} must be {_describe(conds)}, got {x}")
+            rule = next((r for pattern, r in rules.items() if fnmatch.fnmatchcase(key, pattern)), None)
+            if rule is not None:
+                conds = _conditions(rule)
+                if not all(_OPS[op](x, v) for op, v in conds):
+                    raise ConfigError(f"--config.{name} must be {_describe(conds)}, got {x}")
         if isinstance(value, str):
             for pattern, allowed in choices.items():
                 if fnmatch.fnmatchcase(key, pattern) and value not in allowed:
