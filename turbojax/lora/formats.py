@@ -33,6 +33,7 @@ from typing import Collection, Mapping
 
 import numpy as np
 
+from turbojax.convert.atomic import apply_umask
 from turbojax.lora.families import LoraFamily, get_family
 
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' safetensors header key for the peft LoraConfig JSON
@@ -412,6 +413,7 @@ def _atomic_save(tensors: dict[str, np.ndarray], header: dict[str, str], path) -
     tmp = os.path.join(os.path.dirname(os.path.abspath(p)), f".{os.path.basename(p)}.{uuid.uuid4().hex}.tmp")
     try:
         save_file(tensors, tmp, metadata=header)
+        apply_umask(tmp)  # safetensors creates files 0600; ours get the usual mode
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):

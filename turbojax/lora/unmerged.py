@@ -69,6 +69,9 @@ def fold_scales(adapter: Mapping) -> dict:
     LoRA files whose layers carry different alphas (or untouched layers with scale 0)."""
     out = {}
     for path, e in adapter.items():
+        if "scale" not in e:  # LoKr / LoHa / DoRA / full deltas: merge-only, no low-rank factors to train
+            raise ValueError(f"module {path}: a merge-only adapter entry (LoKr / LoHa / DoRA / .diff) cannot "
+                             "warm-start a trainable LoRA; use a plain LoRA file")
         s = np.asarray(e["scale"], np.float32)
         if np.unique(s).size == 1:
             out[path] = dict(e)
