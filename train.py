@@ -1,10 +1,14 @@
 """turbojax training entry point (big_vision style: one narrative script, policy in the config).
 
-    python train.py [--config configs/qwen_image_lora.py] [--config.total_steps 100 ...] [--workdir DIR]
+    python train.py                                   # the embedded demo: DMD2 + GAN on the digits teacher
+    python train.py --config configs/qwen_image_dmd2_gan.py --config.init_from Qwen-Image-2512 ...
+    python train.py --config configs/qwen_image_lora.py [--config.total_steps 100 ...] [--workdir DIR]
 
-Today it runs LoRA flow-matching fine-tuning of a frozen Qwen-Image transformer; the distillation objectives
-(DMD2, PCM, ArcFlow, Turbo++) plug into the same loop. Only the trainables (the LoRA `a`/`b` and their optimizer
-state) are differentiated and checkpointed; the LoRA scale and the frozen base stay fixed. Training resumes from the
+Two stories share the set-up and the guards: `distill` (a config with `method`: DMD2 + GAN on the engine of
+`turbojax.distill`, the frozen base serving as teacher, student and fake score) and the LoRA flow-matching
+fine-tune of a frozen Qwen-Image transformer (`configs/qwen_image_lora.py`). Only the trainables (LoRA `a`/`b`,
+discriminator heads, their optimizer states and EMA) are differentiated and checkpointed; LoRA scales and the frozen
+base stay fixed. Training resumes from the
 latest checkpoint in the workdir. The reusable machinery lives in `turbojax.training` (config checks, checkpoints,
 NaN/Inf and SIGTERM guards, metrics log); this file only tells the story.
 """
@@ -19,7 +23,8 @@ from turbojax.training import UserError, run_cli
 from turbojax.training import config as config_lib
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_CONFIG = HERE / "configs" / "qwen_image_lora.py"
+DEFAULT_CONFIG = HERE / "configs" / "digits_dmd2_gan.py"  # the embedded demo: DMD2 + GAN on the digits teacher
+DISTILL_METHODS = ("dmd2",)
 
 
 def main(argv: list[str]) -> int:
@@ -29,6 +34,8 @@ def main(argv: list[str]) -> int:
     config_lib.validate(cfg)
     workdir = config_lib.check_workdir(flag_values["workdir"] or cfg.workdir,
                                        "--workdir" if flag_values["workdir"] else "--config.workdir")
+    if cfg.get("method") in DISTILL_METHODS:
+        return distill(cfg, workdir)
 
     import jax
     import jax.numpy as jnp
@@ -186,6 +193,128 @@ def main(argv: list[str]) -> int:
     except lora.LoraFormatError as e:  # all-zero `b` after training (lr 0): nothing to write
         raise UserError(f"{e} (the trained LoRA is still zero; is --config.lr 0?)") from None
     print(f"saved LoRA (diffusers layout) to {out}")
+    return 0
+
+
+# =============================================================================================================
+# Distillation
+# =============================================================================================================
+def distill(cfg, workdir: Path) -> int:
+    """Few-step distillation (DMD2 + GAN today): one frozen base serves as teacher, student and fake score."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from absl import logging as absl_logging
+    from flax import nnx
+
+    from turbojax.distill import export as export_lib
+    from turbojax.distill import methods
+    from turbojax.distill.engine import Engine
+    from turbojax.training.checkpoints import Checkpoints
+    from turbojax.training.guards import MetricsBuffer, StopSignal
+    from turbojax.training.metrics_log import MetricsLog
+    from turbojax.utils import progress_bar
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    jax.config.update("jax_compilation_cache_dir", str(HERE / ".jax_cache"))
+    dtype = jnp.dtype(cfg.dtype)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # The frozen base (teacher) and the data the turns read
+    # ---------------------------------------------------------------------------------------------------------
+    if cfg.data.kind == "digits":
+        from turbojax.digits import model as digits_model
+        from turbojax.digits import training as digits_training
+        try:
+            base = digits_model.load_teacher(cfg.init_from or None, dtype=dtype, scan_layers=cfg.scan_layers)
+        except (ValueError, OSError) as e:
+            raise UserError(f"--config.init_from {cfg.init_from or '(the shipped digits teacher)'}: {e}") from None
+        batches = digits_training.batches(cfg, base, progress=lambda m: print(m, flush=True))
+        latent_shape = (16, 64)
+    else:
+        raise UserError(f"--config.data.kind {cfg.data.kind!r}: only 'digits' is wired into train.py so far")
+    graphdef, frozen = nnx.split(base)
+    print("teacher: %.2fM frozen params; %d prompts" % (
+        sum(int(np.prod(v.shape)) for v in jax.tree.leaves(frozen)) / 1e6, batches.num_prompts), flush=True)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Method: LoRA roles on the shared base, discriminator heads, turns and optimisers
+    # ---------------------------------------------------------------------------------------------------------
+    try:
+        method = methods.build(cfg, base, latent_shape, jax.random.key(cfg.seed + 1))
+    except (ValueError, KeyError) as e:
+        raise UserError(f"--config: {e}") from None
+    engine = Engine(method.turns, method.txs, float(cfg.ema_decay), seed=int(cfg.seed))
+    state = engine.init_state(method.params)
+    n_train = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state["params"]))
+    print(f"method {method.name}: {n_train / 1e6:.3f}M trainable params in {sorted(state['params'])}; turns "
+          + ", ".join(f"{t.name} every {t.every}" for t in method.turns), flush=True)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Checkpoints (trainables + optimiser states + EMA), resume
+    # ---------------------------------------------------------------------------------------------------------
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = Checkpoints(workdir / "checkpoints", every=cfg.checkpoint_every, keep=cfg.keep_checkpoints,
+                       hint="resume with the config it was trained with (LoRA ranks / targets, GAN depths) or "
+                            "start a new --workdir")
+    state, start = ckpt.restore_latest(state)
+    if start:
+        print(f"resumed from step {start}", flush=True)
+
+    def batch_for(turn: str, it: int):
+        return {k: jnp.asarray(v) for k, v in batches.batch(turn, it).items() if k != "prompt"}
+
+    def export(step: int) -> None:
+        adapter = methods.export_adapter(method, state)
+        files = export_lib.export_student(workdir, adapter, base, method, cfg, step=step)
+        print("exported " + ", ".join(str(f) for f in files), flush=True)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # Loop: TTUR turns, NaN/Inf guard before every save, SIGTERM saves and exits 0
+    # ---------------------------------------------------------------------------------------------------------
+    tb = export_lib.tensorboard(workdir)
+    buffer = MetricsBuffer()
+    try:
+        with StopSignal() as stop, MetricsLog(workdir / "metrics.jsonl", start) as log:
+            bar = progress_bar(range(start, cfg.total_steps), desc="distill", total=cfg.total_steps - start,
+                               unit="step")
+            for it in bar:
+                step = it + 1
+                state, metrics = engine.iteration(state, frozen, lambda turn: batch_for(turn, it), it)
+                buffer.push(step, metrics)
+                last = step == cfg.total_steps
+                stopping = stop.requested  # read once: a signal arriving later is seen at the next step
+                due_save = ckpt.should_save(step) or last or stopping
+                if step % cfg.log_every == 0 or due_save:
+                    for s, m in buffer.flush():  # raises on the first non-finite step: nothing bad is saved
+                        if s % cfg.log_every == 0 or s == step:
+                            log.write(s, m)
+                            tb.scalars(s, m)
+                    if hasattr(bar, "set_postfix"):
+                        bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in m.items()
+                                         if k.endswith(("/loss", "dm", "gan_d"))}, refresh=False)
+                if due_save:
+                    ckpt.save(step, state, force=last or stopping)
+                if cfg.sample_every and (step % cfg.sample_every == 0 or last) and cfg.data.kind == "digits":
+                    grid = digits_training.sample_grid(base, methods.export_adapter(method, state),
+                                                       cfg.student.sigmas, guidance=float(cfg.student.cfg))
+                    tb.image(step, "samples", grid)
+                if stopping:
+                    ckpt.wait()
+                    print(f"stopped by {stop.signame} at step {step}; checkpoint saved in {ckpt.path(step)}; "
+                          "rerun the same command to resume", flush=True)
+                    return 0
+        ckpt.wait()
+    finally:
+        tb.close()
+        ckpt.close()
+    final = max(start, cfg.total_steps)
+    export(final)
+    if cfg.data.kind == "digits":
+        grid = digits_training.sample_grid(base, methods.export_adapter(method, state), cfg.student.sigmas,
+                                           guidance=float(cfg.student.cfg))
+        path = export_lib.write_png(workdir / "samples.png", grid)
+        print(f"wrote sample grid {path} (rows: seeds, columns: digits 0-9; {len(cfg.student.sigmas)} steps)")
     return 0
 
 

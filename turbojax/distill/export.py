@@ -17,10 +17,21 @@ import numpy as np
 from turbojax.convert.atomic import commit_file
 
 
+def unshift(sigma: float, shift: float) -> float:
+    """The raw time whose shift-`shift` warp is `sigma` (inverse of `s t / (1 + (s - 1) t)`)."""
+    return sigma / (shift - (shift - 1.0) * sigma)
+
+
 def sampler_settings(cfg, method_name: str, step: int) -> dict:
+    """`sigmas`: what the model sees at each step (Euler, final 0). A scheduler that warps the sigmas it is given by
+    the shift (diffusers' FlowMatchEulerDiscreteScheduler with shift 3, or Qwen-Image-Lightning's config with
+    mu = ln 3; ComfyUI's ModelSamplingAuraFlow shift 3) takes `pipeline_sigmas` instead, or simply `steps`
+    when the list is the equal-raw-step one."""
     sigmas = [float(s) for s in cfg.student.sigmas]
-    return {"steps": len(sigmas), "sigmas": sigmas + [0.0], "shift": float(cfg.student.shift),
-            "guidance": float(cfg.student.cfg), "scheduler": "FlowMatchEulerDiscreteScheduler (Euler, explicit sigmas)",
+    shift = float(cfg.student.shift)
+    return {"steps": len(sigmas), "sigmas": sigmas + [0.0], "shift": shift,
+            "pipeline_sigmas": [round(unshift(s, shift), 7) for s in sigmas],
+            "guidance": float(cfg.student.cfg), "sampler": "Euler (flow matching)",
             "method": method_name, "base": str(cfg.init_from or cfg.get("model", "") or cfg.data.kind),
             "train_steps": int(step)}
 
