@@ -288,7 +288,8 @@ def latent_channels(model: Path, family: str) -> int | None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="diffusers pipeline folder (or a turbojax export of one)")
+    p.add_argument("--model", help="diffusers pipeline folder (or a turbojax export of one); without it, sample.py "
+                                   "samples the embedded digits demo (see turbojax/digits/cli.py)")
     p.add_argument("--config", help="sampling preset, e.g. configs/sample_qwen_image_lightning.py:4 "
                                     "(default: the family's base preset)")
     p.add_argument("--prompt", action="append", help="repeatable")
@@ -308,7 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=1)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--tiled-decode", action="store_true", help="decode in overlapping tiles (large images)")
-    p.add_argument("--out", required=True, help=".png/.jpg/.webp (one image or a grid), .npz, or a folder")
+    p.add_argument("--out", help=".png/.jpg/.webp (one image or a grid), .npz, or a folder (digits demo default: "
+                                 "digits.png)")
+    d = p.add_argument_group("digits demo (no --model)")
+    d.add_argument("--num", type=positive_int, help="number of digits (default 40); image i asks for class i %% 10")
+    d.add_argument("--method", help="a shipped student: dmd2_gan, dmd2 (default: the best shipped)")
+    d.add_argument("--student", help="a train.py workdir holding lora.safetensors + sampler.json")
+    d.add_argument("--teacher", action="store_true", help="sample the teacher (with --steps, --guidance)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing files with exactly the names this run writes (nothing else)")
     return p
@@ -316,6 +323,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.model is None:
+        from turbojax.digits import cli as digits_cli
+        return digits_cli.run(args, fail)
+    for flag in ("num", "method", "student"):
+        if getattr(args, flag) is not None:
+            fail(f"--{flag} belongs to the digits demo (no --model); with --model use --num-images / --lora")
+    if args.teacher:
+        fail("--teacher belongs to the digits demo (no --model)")
+    if args.out is None:
+        fail("--out is required with --model (.png, .npz or a folder)")
 
     # ---- validate everything cheap before loading anything heavy ----
     from turbojax import image_out

@@ -230,9 +230,30 @@ def distill(cfg, workdir: Path) -> int:
         except (ValueError, OSError) as e:
             raise UserError(f"--config.init_from {cfg.init_from or '(the shipped digits teacher)'}: {e}") from None
         batches = digits_training.batches(cfg, base, progress=lambda m: print(m, flush=True))
-        latent_shape = (16, 64)
+        latent_shape, cap_len = (16, 64), None
+    elif cfg.data.kind == "prompts":  # a diffusers pipeline folder + a prompt file encoded at start-up
+        from turbojax import pipelines
+        from turbojax.data import encoded
+        from turbojax.data.prompts import PromptFileError
+        if not cfg.init_from:
+            raise UserError("--config.init_from: give the teacher's diffusers pipeline folder (Qwen-Image(-2512), "
+                            "Z-Image(-Turbo)) or its turbojax export")
+        if not cfg.data.prompts:
+            raise UserError("--config.data.prompts: give a prompt file (.txt, one per line, or .jsonl)")
+        try:
+            pipe = pipelines.from_diffusers(cfg.init_from, dtype=dtype, scan_layers=cfg.scan_layers,
+                                            attention_impl=cfg.attention_impl)
+        except (ValueError, OSError) as e:
+            raise UserError(f"--config.init_from {cfg.init_from}: {e}") from None
+        try:
+            batches, latent_shape, cap_len = encoded.prompt_batches(cfg, pipe,
+                                                                    progress=lambda m: print(m, flush=True))
+        except PromptFileError as e:
+            raise UserError(f"--config.data.prompts {e}") from None
+        base = pipe.transformer
+        del pipe  # the text encoder and the VAE leave memory: training holds the transformer only
     else:
-        raise UserError(f"--config.data.kind {cfg.data.kind!r}: only 'digits' is wired into train.py so far")
+        raise UserError(f"--config.data.kind must be 'digits' or 'prompts', got {cfg.data.kind!r}")
     graphdef, frozen = nnx.split(base)
     print("teacher: %.2fM frozen params; %d prompts" % (
         sum(int(np.prod(v.shape)) for v in jax.tree.leaves(frozen)) / 1e6, batches.num_prompts), flush=True)
@@ -241,7 +262,7 @@ def distill(cfg, workdir: Path) -> int:
     # Method: LoRA roles on the shared base, discriminator heads, turns and optimisers
     # ---------------------------------------------------------------------------------------------------------
     try:
-        method = methods.build(cfg, base, latent_shape, jax.random.key(cfg.seed + 1))
+        method = methods.build(cfg, base, latent_shape, jax.random.key(cfg.seed + 1), cap_len=cap_len)
     except (ValueError, KeyError) as e:
         raise UserError(f"--config: {e}") from None
     engine = Engine(method.turns, method.txs, float(cfg.ema_decay), seed=int(cfg.seed))

@@ -125,7 +125,8 @@ def _image_writer(image: np.ndarray, kind: str, meta: dict) -> Callable:
     from PIL import Image
 
     def write(f):
-        im = Image.fromarray(np.ascontiguousarray(image))
+        arr = np.ascontiguousarray(image)
+        im = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)  # grayscale
         if kind == "PNG":
             from PIL.PngImagePlugin import PngInfo
             info = PngInfo()
@@ -139,11 +140,11 @@ def _image_writer(image: np.ndarray, kind: str, meta: dict) -> Callable:
     return write
 
 
-def _npz_writer(images: np.ndarray, metas: Sequence[dict]) -> Callable:
+def _npz_writer(images: np.ndarray, metas: Sequence[dict], arrays: dict | None = None) -> Callable:
     def write(f):
         buf = io.BytesIO()  # np.savez seeks; write the finished archive in one go
         np.savez(buf, images=images, prompts=np.array([str(m["prompt"]) for m in metas]),
-                 seeds=np.array([int(m["seed"]) for m in metas], np.int64))
+                 seeds=np.array([int(m["seed"]) for m in metas], np.int64), **(arrays or {}))
         f.write(buf.getvalue())
     return write
 
@@ -181,8 +182,10 @@ def _publish(tmp: Path, dst: Path, overwrite: bool) -> None:
     tmp.unlink()
 
 
-def write_output(plan: OutputPlan, images: np.ndarray, metas: Sequence[dict]) -> list[Path]:
-    """Write uint8 `images` `[N, H, W, 3]` as planned; returns the files written."""
+def write_output(plan: OutputPlan, images: np.ndarray, metas: Sequence[dict], arrays: dict | None = None
+                 ) -> list[Path]:
+    """Write uint8 `images` `[N, H, W, C]` (C = 3, or 1 for grayscale) as planned; returns the files written.
+    `arrays`: extra named arrays of an `.npz` output (e.g. the digits demo's `labels`)."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(metas):
         raise ValueError(f"expected uint8 [N, H, W, 3] images with one meta each, got {images.dtype} "
@@ -194,7 +197,7 @@ def write_output(plan: OutputPlan, images: np.ndarray, metas: Sequence[dict]) ->
     if plan.kind == FOLDER:
         jobs = [(f, _image_writer(im, "PNG", m)) for f, im, m in zip(plan.files, images, metas)]
     elif plan.kind == "NPZ":
-        jobs = [(plan.path, _npz_writer(images, metas))]
+        jobs = [(plan.path, _npz_writer(images, metas, arrays))]
     else:
         jobs = [(plan.path, _image_writer(images[0] if len(images) == 1 else grid(images), plan.kind,
                                           _joined_meta(metas)))]

@@ -20,6 +20,9 @@ Every field, with the published values it follows (shared docs `distillation.md`
   gan.depths        feature taps as fractions of depth (FastGen: 0.5, 0.75, 0.99)
   gan.r1_weight     R1 penalty on the heads' inputs (Model-Optimizer: 0.1)
   gan.real_mix      fraction of D's reals drawn from real-image latents; the rest are teacher samples (Wuli mix)
+  data.kind         "digits" (the embedded demo) or "prompts": data.prompts (.txt / .jsonl) encoded at start-up by
+                    the pipeline's text encoder, data.negative_prompt for the teacher's CFG, data.width/height,
+                    data.teacher_samples generated with data.teacher_steps as the discriminator's reals
   ttur_ratio        critic turns per generator turn (FastGen: 5)
   ema_decay         EMA of the student LoRA (exported); 0 = no EMA
   opt.<group>.lr    per group: student, fake, disc; opt.warmup_steps, weight_decay, b1, b2, grad_clip
@@ -66,8 +69,8 @@ def dmd2_config() -> ml_collections.ConfigDict:
     # where batches come from: "digits" (the embedded demo) or "prompts" (a text / JSONL file of prompts encoded at
     # start-up by the pipeline's text encoder; D's reals are then teacher samples generated at start-up)
     c.data = ml_collections.ConfigDict(dict(kind="prompts", prompts="", negative_prompt=" ", max_sequence_length=512,
-                                            teacher_samples_per_class=16, teacher_steps=50, width=1024,
-                                            height=1024))
+                                            teacher_samples=64, teacher_samples_per_class=16, teacher_steps=50,
+                                            width=1024, height=1024))
     c.batch_size = 4
     c.total_steps = 5000
     c.log_every = 10

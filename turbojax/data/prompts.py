@@ -1,0 +1,62 @@
+"""Prompt files: one prompt per line (`.txt`), or JSON Lines (`.jsonl`: `{"prompt": ..., "negative_prompt": ...}`).
+
+Blank lines are skipped and repeated prompts kept once (the first occurrence); a line that is not valid JSON, or a
+record without a non-empty string `prompt`, is an error naming the file and the line number.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+
+class PromptFileError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+    prompts: list[str]
+    negatives: list[str | None]  # per prompt, None: the config's negative prompt
+    skipped_blank: int = 0
+    skipped_duplicate: int = 0
+
+
+def read_prompts(path) -> Prompts:
+    path = Path(path)
+    if not path.is_file():
+        raise PromptFileError(f"{path}: prompt file not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    jsonl = path.suffix.lower() in (".jsonl", ".json")
+    prompts, negatives, seen = [], [], set()
+    blank = dup = 0
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            blank += 1
+            continue
+        neg = None
+        if jsonl:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PromptFileError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str) or not rec["prompt"].strip():
+                raise PromptFileError(f"{path}:{n}: a record needs a non-empty string \"prompt\"")
+            prompt = rec["prompt"].strip()
+            neg = rec.get("negative_prompt")
+            if neg is not None and not isinstance(neg, str):
+                raise PromptFileError(f"{path}:{n}: \"negative_prompt\" must be a string")
+        else:
+            prompt = line.strip()
+        if prompt in seen:
+            dup += 1
+            continue
+        seen.add(prompt)
+        prompts.append(prompt)
+        negatives.append(neg)
+    if not prompts:
+        raise PromptFileError(f"{path}: holds no prompts")
+    return Prompts(prompts, negatives, blank, dup)
