@@ -72,6 +72,9 @@ def denoiser_for(model, latent_shape: Sequence[int], cap_len: int | None = None)
         if side * side != n:
             raise ValueError(f"Qwen-Image latents of {n} tokens: pass a square grid or build QwenImageDenoiser(grid)")
         return QwenImageDenoiser((side, side))
+    if fam == "toy":
+        from turbojax.distill.toy import ToyDenoiser
+        return ToyDenoiser()
     if fam == "z_image":
         _, _, h, w = latent_shape
         p = model.config.patch_size

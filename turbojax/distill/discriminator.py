@@ -18,7 +18,9 @@ from flax import nnx
 class ConvHead(nnx.Module):
     def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, groups: int = 32):
         self.conv = nnx.Conv(dim, hidden, (4, 4), strides=(2, 2), padding="SAME", rngs=rngs)
-        self.norm = nnx.GroupNorm(hidden, num_groups=_groups(hidden, groups), rngs=rngs)
+        # at least 8 channels per group: on a tiny map (1x1 after the stride) a group of one value would normalise
+        # to zero and cut the discriminator off from its input
+        self.norm = nnx.GroupNorm(hidden, num_groups=_groups(hidden, min(groups, max(1, hidden // 8))), rngs=rngs)
         self.out = nnx.Conv(hidden, 1, (1, 1), rngs=rngs)
 
     def __call__(self, grid_feats: jax.Array) -> jax.Array:
