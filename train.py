@@ -24,7 +24,7 @@ from turbojax.training import config as config_lib
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "configs" / "digits_dmd2_gan.py"  # the embedded demo: DMD2 + GAN on the digits teacher
-DISTILL_METHODS = ("dmd2",)
+DISTILL_METHODS = ("dmd2", "pcm", "turbopp")
 
 
 def main(argv: list[str]) -> int:
@@ -285,10 +285,9 @@ def distill(cfg, workdir: Path) -> int:
     def batch_for(turn: str, it: int):
         return {k: jnp.asarray(v) for k, v in batches.batch(turn, it).items() if k != "prompt"}
 
-    def export(step: int) -> None:
-        adapter = methods.export_adapter(method, state)
-        files = export_lib.export_student(workdir, adapter, base, method, cfg, step=step)
-        print("exported " + ", ".join(str(f) for f in files), flush=True)
+    def grid():
+        labels = np.tile(np.arange(10), 4)
+        return digits_training.tile(method.sample_digits(base, state, labels, 0, cfg), 10)
 
     # ---------------------------------------------------------------------------------------------------------
     # Loop: TTUR turns, NaN/Inf guard before every save, SIGTERM saves and exits 0
@@ -317,9 +316,7 @@ def distill(cfg, workdir: Path) -> int:
                 if due_save:
                     ckpt.save(step, state, force=last or stopping)
                 if cfg.sample_every and (step % cfg.sample_every == 0 or last) and cfg.data.kind == "digits":
-                    grid = digits_training.sample_grid(base, methods.export_adapter(method, state),
-                                                       cfg.student.sigmas, guidance=float(cfg.student.cfg))
-                    tb.image(step, "samples", grid)
+                    tb.image(step, "samples", grid())
                 if stopping:
                     ckpt.wait()
                     print(f"stopped by {stop.signame} at step {step}; checkpoint saved in {ckpt.path(step)}; "
@@ -329,12 +326,10 @@ def distill(cfg, workdir: Path) -> int:
     finally:
         tb.close()
         ckpt.close()
-    final = max(start, cfg.total_steps)
-    export(final)
+    files = method.write_outputs(workdir, state, base, cfg, max(start, cfg.total_steps))
+    print("exported " + ", ".join(str(f) for f in files), flush=True)
     if cfg.data.kind == "digits":
-        grid = digits_training.sample_grid(base, methods.export_adapter(method, state), cfg.student.sigmas,
-                                           guidance=float(cfg.student.cfg))
-        path = export_lib.write_png(workdir / "samples.png", grid)
+        path = export_lib.write_png(workdir / "samples.png", grid())
         print(f"wrote sample grid {path} (rows: seeds, columns: digits 0-9; {len(cfg.student.sigmas)} steps)")
     return 0
 

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -20,11 +20,13 @@ from turbojax.distill.engine import GroupOpt, Turn, make_tx
 from turbojax.distill.nets import Nets, disc_pure
 from turbojax.lora import unmerged
 
-METHODS = ("dmd2",)
+METHODS = ("dmd2", "pcm", "turbopp")
 
 
 @dataclasses.dataclass
 class Method:
+    """What train.py needs of a method. Methods whose student is more than one LoRA (ArcFlow's heads, Turbo++'s
+    per-step adapters) override `export` and `digits_images`; the defaults serve a single LoRA student."""
     name: str
     nets: Nets
     turns: list[Turn]
@@ -32,6 +34,23 @@ class Method:
     params: dict              # initial trainables {group: pytree}
     settings: Any
     export_group: str = "student"  # the group exported as the distilled LoRA (its EMA when kept)
+    # (workdir, state, base, cfg, step) -> files written; default: the LoRA in both layouts + sampler.json
+    export: Callable | None = None
+    # (teacher, state, labels, seed, cfg) -> uint8 digits [N, 32, 32, 1] from the student (demo grids, quality)
+    digits_images: Callable | None = None
+
+    def write_outputs(self, workdir, state, base, cfg, step: int) -> list:
+        if self.export is not None:
+            return self.export(workdir, state, base, cfg, step)
+        from turbojax.distill import export as export_lib
+        return export_lib.export_student(workdir, export_adapter(self, state), base, self, cfg, step=step)
+
+    def sample_digits(self, teacher, state, labels, seed: int, cfg):
+        if self.digits_images is not None:
+            return self.digits_images(teacher, state, labels, seed, cfg)
+        from turbojax.digits import model as digits_model
+        return digits_model.generate(teacher, labels, seed=seed, sigmas=list(cfg.student.sigmas) + [0.0],
+                                     guidance=float(cfg.student.cfg), adapters=export_adapter(self, state))
 
 
 def _adapter(model, spec, rng, init_file: str = ""):
@@ -60,6 +79,10 @@ def dmd2_settings(cfg) -> dmd2.DMD2Settings:
 def build(cfg, base_model, latent_shape, rng: jax.Array, *, cap_len: int | None = None) -> Method:
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r}; choose one of {METHODS}")
+    if cfg.method in ("pcm", "turbopp"):  # their own modules build them (lazy: they import this one)
+        import importlib
+        return importlib.import_module(f"turbojax.distill.{cfg.method}").build(cfg, base_model, latent_shape, rng,
+                                                                               cap_len=cap_len)
     graphdef, frozen = nnx.split(base_model)
     k_student, k_fake, k_disc = jax.random.split(rng, 3)
     student = _adapter(base_model, cfg.lora.student, k_student, cfg.init_student_lora)
