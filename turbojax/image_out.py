@@ -20,7 +20,6 @@ import io
 import json
 import math
 import os
-import secrets
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -150,18 +149,8 @@ def _npz_writer(images: np.ndarray, metas: Sequence[dict], arrays: dict | None =
 
 
 def _write_temp(path: Path, write: Callable) -> Path:
-    """A complete, fsynced temp sibling of `path` (mode 0o666 so the umask applies, unlike mkstemp's 0600)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
+    from turbojax.convert.atomic import write_temp
+    return write_temp(path, write)
 
 
 def _publish(tmp: Path, dst: Path, overwrite: bool) -> None:

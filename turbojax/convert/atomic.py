@@ -107,9 +107,10 @@ def copy_tree(src, dst) -> Path:
     return dst
 
 
-def commit_file(path: Path, write: Callable[[Any], None]) -> Path:
-    """Write through a new temp file next to `path` (same filesystem, so the final os.replace is atomic), fsync,
-    rename; on any error the temp file is removed and `path` is untouched. Mode 0o666 lets the umask apply."""
+def write_temp(path: Path, write: Callable[[Any], None]) -> Path:
+    """A complete, fsynced new temp sibling of `path` written by `write(file)` (mode 0o666, so the umask applies,
+    unlike mkstemp's 0600); removed again if `write` fails."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
@@ -117,11 +118,22 @@ def commit_file(path: Path, write: Callable[[Any], None]) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def commit_file(path: Path, write: Callable[[Any], None]) -> Path:
+    """Write through a new temp file next to `path` (same filesystem, so the final os.replace is atomic), fsync,
+    rename; on any error the temp file is removed and `path` is untouched."""
+    tmp = write_temp(path, write)
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return path
+    return Path(path)
 
 
 # ---- folders ------------------------------------------------------------------------------------------------------

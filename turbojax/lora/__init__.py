@@ -150,3 +150,4 @@ def unapply(model, adapters, strength: float = 1.0):
 def save(path, adapter: Adapter, model, layout: str = "diffusers", dtype=np.float32) -> None:
     """Write an adapter as a LoRA file: layout "diffusers" (with alpha metadata) or "comfy" (lightx2v)."""
     save_lora(path, to_lora_weights(adapter, model), layout=layout, family=model.family, dtype=dtype)
+from turbojax.lora import unmerged  # noqa: E402,F401  (training: LoRA applied unmerged inside the blocks)
