@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from turbojax.training import UserError, run_cli
@@ -24,7 +25,7 @@ from turbojax.training import config as config_lib
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "configs" / "digits_dmd2_gan.py"  # the embedded demo: DMD2 + GAN on the digits teacher
-DISTILL_METHODS = ("dmd2", "pcm", "turbopp")
+DISTILL_METHODS = ("dmd2", "pcm", "turbopp", "arcflow")
 
 
 def main(argv: list[str]) -> int:
@@ -283,7 +284,9 @@ def distill(cfg, workdir: Path) -> int:
         print(f"resumed from step {start}", flush=True)
 
     def batch_for(turn: str, it: int):
-        return {k: jnp.asarray(v) for k, v in batches.batch(turn, it).items() if k != "prompt"}
+        batch = {k: jnp.asarray(v) for k, v in batches.batch(turn, it).items() if k != "prompt"}
+        batch["iteration"] = jnp.asarray(it, jnp.int32)  # for losses with schedules (ArcFlow's teacher share)
+        return batch
 
     def grid():
         labels = np.tile(np.arange(10), 4)
@@ -294,12 +297,16 @@ def distill(cfg, workdir: Path) -> int:
     # ---------------------------------------------------------------------------------------------------------
     tb = export_lib.tensorboard(workdir)
     buffer = MetricsBuffer()
+    timer = {"t0": None, "steps": 0}  # training time per step, from the second step on (the first one compiles)
     try:
         with StopSignal() as stop, MetricsLog(workdir / "metrics.jsonl", start) as log:
             bar = progress_bar(range(start, cfg.total_steps), desc="distill", total=cfg.total_steps - start,
                                unit="step")
             for it in bar:
                 step = it + 1
+                if timer["t0"] is None and it > start:
+                    jax.block_until_ready(state)
+                    timer["t0"], timer["from"] = time.perf_counter(), it
                 state, metrics = engine.iteration(state, frozen, lambda turn: batch_for(turn, it), it)
                 buffer.push(step, metrics)
                 last = step == cfg.total_steps
@@ -326,7 +333,11 @@ def distill(cfg, workdir: Path) -> int:
     finally:
         tb.close()
         ckpt.close()
-    files = method.write_outputs(workdir, state, base, cfg, max(start, cfg.total_steps))
+    per_step = None
+    if timer["t0"] is not None and cfg.total_steps - timer["from"] >= 1:
+        jax.block_until_ready(state)
+        per_step = (time.perf_counter() - timer["t0"]) / (cfg.total_steps - timer["from"])
+    files = method.write_outputs(workdir, state, base, cfg, max(start, cfg.total_steps), per_step)
     print("exported " + ", ".join(str(f) for f in files), flush=True)
     if cfg.data.kind == "digits":
         path = export_lib.write_png(workdir / "samples.png", grid())

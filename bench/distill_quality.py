@@ -73,13 +73,31 @@ def base_rows(teacher, *, steps: int, guidance: float, real: bool = True) -> lis
     return rows
 
 
-def student_rows(teacher) -> list:
-    """Extension point for distilled students: `add_student(rows, name, sample, train_s_per_step)` per student.
+def lora_student(teacher, folder) -> tuple[Sampler, float | None]:
+    """A student trained by `train.py` (a workdir, or a shipped student folder): its LoRA on the teacher, sampled
+    with the sigma list and guidance of its `sampler.json`; also its training time per step when recorded."""
+    from turbojax import lora
+    from turbojax.digits.cli import student_files
+    lora_file, settings, _ = student_files(None, str(folder))
+    adapter = lora.load(lora_file, teacher)
+    merged = lora.apply(teacher, [(adapter, 1.0)])
+    raw = json.loads((Path(folder) / "sampler.json").read_text())
 
-    Students are LoRAs on the teacher sampled on `dmodel.STUDENT_SIGMAS` without CFG, e.g.
-    `lambda lab, seed: dmodel.generate(teacher, lab, seed, dmodel.STUDENT_SIGMAS, 1.0, adapters=[(lora, 1.0)])`.
-    """
-    return []
+    def sample(lab, seed):
+        return dmodel.generate(merged, lab, seed, settings["sigmas"], settings["guidance"])
+    return sample, raw.get("train_s_per_step")
+
+
+def student_rows(teacher, students: dict | None = None) -> list:
+    """One row per student `{name: folder}`; default: every shipped student (turbojax/digits/assets/students)."""
+    from turbojax.digits import cli
+    if students is None:
+        students = {name: cli.STUDENTS / name for name in cli.shipped()}
+    rows = []
+    for name, folder in students.items():
+        sample, per_step = lora_student(teacher, folder)
+        add_student(rows, name, sample, per_step)
+    return rows
 
 
 def measure(row: dict, *, num: int, seeds: int) -> dict:
@@ -132,6 +150,8 @@ def main(argv=None, extra_rows: list | None = None) -> list:
     p.add_argument("--guidance", type=float, default=dmodel.TEACHER_GUIDANCE)
     p.add_argument("--no-real", action="store_true", help="leave out the real-digits floor row")
     p.add_argument("--json", default=None, help="also write the results (per-seed runs included) to this file")
+    p.add_argument("--student", action="append", default=[], metavar="NAME=DIR",
+                   help="a student trained by train.py (its workdir); repeatable. Default: the shipped students")
     a = p.parse_args(argv)
     if a.num < 2 * data.NUM_CLASSES:
         fail(f"--num must be at least {2 * data.NUM_CLASSES} (two digits per class), got {a.num}")
@@ -145,7 +165,16 @@ def main(argv=None, extra_rows: list | None = None) -> list:
         fail(f"--json {a.json} is a folder")
     teacher = dmodel.load_teacher(a.teacher)
     rows = base_rows(teacher, steps=a.teacher_steps, guidance=a.guidance, real=not a.no_real)
-    rows += student_rows(teacher) + list(extra_rows or [])
+    students = None
+    if a.student:
+        students = {}
+        for spec in a.student:
+            name, eq, folder = spec.partition("=")
+            if not eq or not name or not (Path(folder) / "sampler.json").is_file():
+                fail(f"--student {spec}: expected NAME=DIR with DIR a train.py workdir (lora.safetensors, "
+                     "sampler.json)")
+            students[name] = Path(folder)
+    rows += student_rows(teacher, students) + list(extra_rows or [])
     results = run(rows, num=a.num, seeds=a.seeds, out=lambda s: print(s, file=sys.stderr, flush=True))
     print(table(results))
     if a.json:

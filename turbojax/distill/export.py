@@ -22,7 +22,7 @@ def unshift(sigma: float, shift: float) -> float:
     return sigma / (shift - (shift - 1.0) * sigma)
 
 
-def sampler_settings(cfg, method_name: str, step: int) -> dict:
+def sampler_settings(cfg, method_name: str, step: int, train_s_per_step: float | None = None) -> dict:
     """`sigmas`: what the model sees at each step (Euler, final 0). A scheduler that warps the sigmas it is given by
     the shift (diffusers' FlowMatchEulerDiscreteScheduler with shift 3, or Qwen-Image-Lightning's config with
     mu = ln 3; ComfyUI's ModelSamplingAuraFlow shift 3) takes `pipeline_sigmas` instead, or simply `steps`
@@ -33,7 +33,8 @@ def sampler_settings(cfg, method_name: str, step: int) -> dict:
             "pipeline_sigmas": [round(unshift(s, shift), 7) for s in sigmas],
             "guidance": float(cfg.student.cfg), "sampler": "Euler (flow matching)",
             "method": method_name, "base": str(cfg.init_from or cfg.get("model", "") or cfg.data.kind),
-            "train_steps": int(step)}
+            "train_steps": int(step),
+            **({} if train_s_per_step is None else {"train_s_per_step": round(float(train_s_per_step), 4)})}
 
 
 def _add_metadata(path: Path, extra: dict) -> None:
@@ -48,11 +49,12 @@ def _add_metadata(path: Path, extra: dict) -> None:
     commit_file(path, lambda fh: fh.write(data))
 
 
-def export_student(workdir: Path, adapter: dict, base, method, cfg, *, step: int) -> list[Path]:
+def export_student(workdir: Path, adapter: dict, base, method, cfg, *, step: int,
+                   train_s_per_step: float | None = None) -> list[Path]:
     from turbojax import lora
 
     workdir = Path(workdir)
-    settings = sampler_settings(cfg, method.name, step)
+    settings = sampler_settings(cfg, method.name, step, train_s_per_step)
     extra = {"turbojax_sampler": json.dumps(settings)}
     out = []
     for name, layout in (("lora.safetensors", "diffusers"), ("lora_comfy.safetensors", "comfy")):

@@ -20,7 +20,7 @@ from turbojax.distill.engine import GroupOpt, Turn, make_tx
 from turbojax.distill.nets import Nets, disc_pure
 from turbojax.lora import unmerged
 
-METHODS = ("dmd2", "pcm", "turbopp")
+METHODS = ("dmd2", "pcm", "turbopp", "arcflow")
 
 
 @dataclasses.dataclass
@@ -39,11 +39,12 @@ class Method:
     # (teacher, state, labels, seed, cfg) -> uint8 digits [N, 32, 32, 1] from the student (demo grids, quality)
     digits_images: Callable | None = None
 
-    def write_outputs(self, workdir, state, base, cfg, step: int) -> list:
+    def write_outputs(self, workdir, state, base, cfg, step: int, train_s_per_step: float | None = None) -> list:
         if self.export is not None:
             return self.export(workdir, state, base, cfg, step)
         from turbojax.distill import export as export_lib
-        return export_lib.export_student(workdir, export_adapter(self, state), base, self, cfg, step=step)
+        return export_lib.export_student(workdir, export_adapter(self, state), base, self, cfg, step=step,
+                                         train_s_per_step=train_s_per_step)
 
     def sample_digits(self, teacher, state, labels, seed: int, cfg):
         if self.digits_images is not None:
@@ -83,6 +84,9 @@ def build(cfg, base_model, latent_shape, rng: jax.Array, *, cap_len: int | None 
         import importlib
         return importlib.import_module(f"turbojax.distill.{cfg.method}").build(cfg, base_model, latent_shape, rng,
                                                                                cap_len=cap_len)
+    if cfg.method == "arcflow":  # policy heads + trunk LoRA (lazy import: it imports this module)
+        from turbojax.distill import arcflow_heads
+        return arcflow_heads.build_method(cfg, base_model, latent_shape, rng, cap_len=cap_len)
     graphdef, frozen = nnx.split(base_model)
     k_student, k_fake, k_disc = jax.random.split(rng, 3)
     student = _adapter(base_model, cfg.lora.student, k_student, cfg.init_student_lora)
