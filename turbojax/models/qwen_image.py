@@ -234,10 +234,12 @@ class QwenImageTransformer(nnx.Module):
 
     # ---- pure forward on arrays (traced under jit) ----
     def forward(self, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep,
-                img_shapes: tuple[tuple[int, int, int], ...], taps: Sequence[int] = ()):
+                img_shapes: tuple[tuple[int, int, int], ...], taps: Sequence[int] = (), return_hidden: bool = False):
         """Output `[B, N, out_dim]`; with `taps` (0-based block indices) returns `(output, features)` where
         features[j] is the image stream `[B, N, inner_dim]` after `transformer_blocks[taps[j]]` (diffusers' block
-        output `[1]`), for discriminators that read the transformer's features."""
+        output `[1]`), for discriminators that read the transformer's features. `return_hidden=True` returns the
+        final AdaLN output `[B, N, inner_dim]` (`norm_out`'s modulated hidden) in place of `proj_out`'s output, for
+        heads that replace the output layer (ArcFlow)."""
         cfg, dt = self.config, self.dtype
         taps = check_taps(taps, cfg.num_layers)
         img = self.img_in(hidden_states)
@@ -264,7 +266,8 @@ class QwenImageTransformer(nnx.Module):
         (img, txt), feats = res if taps else (res, None)
 
         scale, shift = jnp.split(self.norm_out(temb_silu)[:, None, :], 2, axis=-1)
-        out = self.proj_out(layer_norm(img, 1e-6) * (1 + scale) + shift)
+        hidden = layer_norm(img, 1e-6) * (1 + scale) + shift
+        out = hidden if return_hidden else self.proj_out(hidden)
         return (out, feats) if taps else out
 
     def __call__(self, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None, timestep=None,
