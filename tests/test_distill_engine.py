@@ -121,3 +121,22 @@ def test_dmd2_gan_turns_update_only_their_groups_and_are_deterministic():
         t, _ = eng2.iteration(t, frozen, lambda n: batch, it)
     for a, b in zip(jax.tree.leaves(t), jax.tree.leaves(s2)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_init_student_lora_warm_starts_the_student(tmp_path):
+    """`init_student_lora` (a PCM LoRA in the Wuli recipe) is the student's starting point; the fake score still
+    starts from zero (= the teacher)."""
+    from turbojax import lora
+    cfg, base, _, _ = _tiny_method(gan=False)
+    targets = [r"transformer_blocks\.attn\.to_q", "proj_out"]
+    warm = lora.init_adapter(base, targets, rank=3, alpha=6.0, rng=jax.random.key(7))
+    warm = {p: dict(e, b=jnp.full(e["b"].shape, 0.01, jnp.float32)) for p, e in warm.items()}
+    lora.save(tmp_path / "pcm.safetensors", warm, base)
+    cfg.init_student_lora = str(tmp_path / "pcm.safetensors")
+    m = methods.build(cfg, base, (16, 16), jax.random.key(1))
+    assert set(m.params["student"]) == set(warm)  # the file's modules, not the config's student targets
+    assert m.nets.roles["student"].scales == {p: 2.0 for p in warm}
+    for p in warm:
+        np.testing.assert_allclose(np.asarray(m.params["student"][p]["a"]), np.asarray(warm[p]["a"]), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(m.params["student"][p]["b"]), 0.01, rtol=1e-6)
+    assert all(float(jnp.abs(e["b"]).max()) == 0 for e in m.params["fake"].values())

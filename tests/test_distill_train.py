@@ -134,3 +134,18 @@ def test_train_py_distill_resumes_exactly_after_sigkill(tmp_path):
             np.testing.assert_array_equal(ta[k], tb[k], err_msg=k)
     steps = [json.loads(line)["step"] for line in (wb / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == total
+
+
+@pytest.mark.slow
+def test_train_py_distill_stops_on_nan_and_keeps_the_last_good_checkpoint(tmp_path):
+    teacher = _teacher(tmp_path)
+    w = tmp_path / "w"
+    ok = subprocess.run(_args(teacher, w, 2), cwd=tmp_path, capture_output=True, text=True, env=_env(), timeout=900)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    bad = subprocess.run(_args(teacher, w, 8) + ["--config.opt.student.lr", "1e30", "--config.opt.fake.lr", "1e30",
+                                                 "--config.opt.disc.lr", "1e30", "--config.opt.grad_clip", "1e30"],
+                         cwd=tmp_path, capture_output=True, text=True, env=_env(), timeout=900)
+    assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr[-2000:]
+    line = bad.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: step ") and "not finite" in line, line
+    assert sorted(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit())[-1] == 2
