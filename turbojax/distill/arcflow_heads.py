@@ -456,3 +456,10 @@ def digits_images(student: ArcFlowStudent, labels, seed: int, sigmas=None, *, ba
 
 def _digits_hook(method, teacher, state, labels, seed, cfg):
     return digits_images(student_of(method, teacher, state), labels, seed)
+
+
+def digits_sampler(teacher, folder):
+    """`(sample(labels, seed) -> uint8 digits, train_s_per_step or None)` of an exported ArcFlow digits student
+    (a `train.py` workdir), for `bench/distill_quality.py` rows."""
+    student = load_student(folder, teacher)
+    return (lambda labels, seed: digits_images(student, labels, seed)), student.settings.get("train_s_per_step")
