@@ -157,7 +157,7 @@ def parse_sigmas(values, source: str) -> list[float]:
         fail(f"{source}: {e}")
 
 
-def parse_lora(spec: str) -> tuple[str, float]:
+def parse_lora(spec: str, flag: str = "--lora") -> tuple[str, float]:
     """FILE[:SCALE]; a path that itself exists wins over splitting at the last colon."""
     if Path(spec).exists() or ":" not in spec:
         path, scale = spec, 1.0
@@ -166,15 +166,31 @@ def parse_lora(spec: str) -> tuple[str, float]:
         try:
             scale = float(s)
         except ValueError:
-            fail(f"--lora {spec}: scale {s!r} is not a number")
+            fail(f"{flag} {spec}: scale {s!r} is not a number")
         if not math.isfinite(scale):
-            fail(f"--lora {spec}: scale must be a finite number, got {s!r}")
+            fail(f"{flag} {spec}: scale must be a finite number, got {s!r}")
     if not Path(path).is_file():
-        fail(f"--lora {path}: file not found" + (" (it is a folder)" if Path(path).is_dir() else ""))
+        fail(f"{flag} {path}: file not found" + (" (it is a folder)" if Path(path).is_dir() else ""))
     return path, scale
 
 
-def check_lora_file(path: str, family: str) -> None:
+def parse_lora_steps(specs: list[str], steps: int) -> list[tuple[str, float]]:
+    """`--lora-step STEP:FILE[:SCALE]` (per-step adapters, e.g. a Turbo++ student): one per step 1..steps, in order."""
+    by_step = {}
+    for spec in specs:
+        head, sep, rest = spec.partition(":")
+        if not sep or not head.isdigit() or not 1 <= int(head) <= steps:
+            fail(f"--lora-step {spec}: expected STEP:FILE[:SCALE] with STEP in 1..{steps} (the sampling steps)")
+        if int(head) in by_step:
+            fail(f"--lora-step {spec}: step {head} has a LoRA already")
+        by_step[int(head)] = parse_lora(rest, "--lora-step")
+    missing = [i for i in range(1, steps + 1) if i not in by_step]
+    if missing:
+        fail(f"--lora-step: no LoRA for step(s) {missing} of {steps}; give one per step")
+    return [by_step[i] for i in range(1, steps + 1)]
+
+
+def check_lora_file(path: str, family: str, flag: str = "--lora") -> None:
     """Read the LoRA for the pipeline's family before loading the model: wrong family, pickles, non-safetensors and
     corrupt files fail here (shapes are checked against the model when it is merged)."""
     from turbojax.lora import LoraFormatError, read_lora
@@ -182,9 +198,9 @@ def check_lora_file(path: str, family: str) -> None:
         read_lora(path, family=family)
     except LoraFormatError as e:
         msg = str(e)
-        fail(f"--lora {msg if msg.startswith(str(path)) else f'{path}: {msg}'}")
+        fail(f"{flag} {msg if msg.startswith(str(path)) else f'{path}: {msg}'}")
     except OSError as e:
-        fail(f"--lora {path}: cannot read it ({e.strerror or e})")
+        fail(f"{flag} {path}: cannot read it ({e.strerror or e})")
 
 
 def read_prompts(args) -> list[str]:
@@ -304,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=positive_int, default=1, help="images per prompt")
     p.add_argument("--seed", type=seed_value, default=0, help="image i uses seed + i (< 2**32)")
     p.add_argument("--lora", action="append", default=[], help="FILE[:SCALE], repeatable")
+    p.add_argument("--lora-step", action="append", default=[],
+                   help="STEP:FILE[:SCALE], one per step: step STEP (1-based) runs with this LoRA (per-step students "
+                        "such as Turbo++'s lora_step1/2.safetensors; see their sampler.json)")
     p.add_argument("--noise", help=".npy/.npz initial latents for all images: the pipeline's layout or the "
                                    "unpacked [N, 16, H/8, W/8] / [N, 16, 1, H/8, W/8]")
     p.add_argument("--batch-size", type=positive_int, default=1)
@@ -323,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.model is None and args.lora_step:
+        fail("--lora-step needs --model (a pipeline folder)")
     if args.model is None:
         from turbojax.digits import cli as digits_cli
         return digits_cli.run(args, fail)
@@ -369,6 +390,9 @@ def main(argv=None) -> int:
     loras = [parse_lora(s) for s in args.lora]
     for path, _ in loras:
         check_lora_file(path, family)
+    step_loras = parse_lora_steps(args.lora_step, steps) if args.lora_step else []
+    for path, _ in step_loras:
+        check_lora_file(path, family, "--lora-step")
     noise = None
     if args.noise is not None:
         raw = load_noise(args.noise)
@@ -380,6 +404,9 @@ def main(argv=None) -> int:
     from turbojax.utils import progress_bar
     try:
         pipe = from_diffusers(model, loras=loras, dtype=jnp.dtype(args.dtype))
+        if step_loras:
+            from turbojax.distill.turbopp import per_step_pipeline
+            pipe = per_step_pipeline(pipe, step_loras)
     except (PipelineError, FileNotFoundError) as e:
         fail(str(e))
     except ValueError as e:  # our loaders' errors (ConfigError, SafetensorsError, ConversionError, ...)
@@ -393,7 +420,8 @@ def main(argv=None) -> int:
     batches = [list(range(i, min(i + args.batch_size, len(prompts)))) for i in range(0, len(prompts),
                                                                                      args.batch_size)]
     images, metas = [], []
-    lora_meta = ",".join(f"{Path(f).name}:{s}" for f, s in loras)
+    lora_meta = ",".join([f"{Path(f).name}:{s}" for f, s in loras]
+                         + [f"step{i + 1}={Path(f).name}:{s}" for i, (f, s) in enumerate(step_loras)])
     try:
         for idx in progress_bar(batches, desc="sampling", enabled=len(batches) > 1, unit="batch"):
             if noise is not None:

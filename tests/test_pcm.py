@@ -155,7 +155,8 @@ def mean_metric(cfg, base, init_lora: str, metric: str, n: int = 4) -> float:
     from turbojax.digits import training as digits_training
     cfg = cfg.copy_and_resolve_references()
     cfg.init_student_lora = init_lora
-    m = methods.build(cfg, base, (16, 64), jax.random.key(cfg.seed + 1))
+    from turbojax.digits import data
+    m = methods.build(cfg, base, (data.NUM_TOKENS, data.TOKEN_DIM), jax.random.key(cfg.seed + 1))
     batches = digits_training.batches(cfg, base, progress=lambda _: None)
     _, frozen = nnx.split(base)
     gen = m.turns[0]

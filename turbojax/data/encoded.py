@@ -60,7 +60,7 @@ def prompt_batches(cfg, pipe, *, progress=print):
     latent_shape = tuple(shape) if pipe.family == "qwen_image" else (shape[0], 1, *shape[1:])
     reals = {}
     n_teacher = int(cfg.data.teacher_samples)
-    if cfg.gan.weight > 0 and n_teacher > 0:
+    if (cfg.gan.weight > 0 or cfg.get("method") == "pcm") and n_teacher > 0:  # PCM noises data
         ids = np.arange(n_teacher) % len(src.prompts)
         progress(f"generating {n_teacher} teacher samples ({cfg.data.teacher_steps} steps, CFG {cfg.dmd.real_cfg}) "
                  "for the discriminator's reals")

@@ -25,7 +25,7 @@ def batches(cfg, teacher, *, progress=print) -> PromptBatches:
     table, mask = model.prompt_table()
     cls = np.arange(data.NUM_CLASSES)
     reals = {}
-    if cfg.gan.weight > 0:
+    if cfg.gan.weight > 0 or cfg.get("method") == "pcm":  # PCM noises data even without its GAN term
         if cfg.gan.real_mix > 0:
             images, labels = data.load_digits("train")
             reals["real"] = (np.asarray(data.images_to_tokens(images)), labels)

@@ -393,3 +393,33 @@ def digits_images(method, teacher, state, labels, seed: int, cfg) -> np.ndarray:
     tokens = digits_tokens(teacher, step_adapters(method, state), labels, seed, cfg.student.sigmas,
                            float(cfg.student.cfg))
     return data.tokens_to_images(tokens)
+
+
+def per_step_pipeline(pipe, step_loras):
+    """`pipe` (a `turbojax.pipelines.Text2ImagePipeline`) whose denoising runs step i with its transformer plus
+    the LoRA `step_loras[i] = (file, scale)` (the Turbo++ sampler; `sample.py --lora-step i:FILE`). The schedule
+    must have exactly one step per LoRA; each step is one call of the pipeline's own sampler on its two sigmas."""
+    from turbojax import lora
+    from turbojax.pipelines import PipelineError, Text2ImagePipeline
+
+    transformers = []
+    for file, scale in step_loras:
+        try:
+            adapter = lora.load(file, pipe.transformer)
+        except lora.LoraFormatError as e:
+            raise PipelineError(f"LoRA {file} does not fit this {pipe.family} transformer: {e}") from None
+        transformers.append(lora.apply(pipe.transformer, [(adapter, float(scale))]))
+
+    class PerStepPipeline(Text2ImagePipeline):
+        def denoise(self, latents, cond, neg, sigmas, **kw):
+            sig = np.asarray(sigmas, np.float32)
+            if len(sig) - 1 != len(transformers):
+                raise PipelineError(f"{len(transformers)} per-step LoRAs (--lora-step) for a {len(sig) - 1}-step "
+                                    "schedule; give one LoRA per step")
+            x = latents
+            for i, t in enumerate(transformers):
+                x = Text2ImagePipeline.denoise(dataclasses.replace(self, transformer=t), x, cond, neg, sig[i:i + 2],
+                                               **kw)
+            return x
+
+    return PerStepPipeline(**{f.name: getattr(pipe, f.name) for f in dataclasses.fields(pipe)})
