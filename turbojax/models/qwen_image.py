@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from turbojax.nn.attention import attention
-from turbojax.nn.layers import Linear, RMSNorm, layer_norm, timestep_sinusoid
+from turbojax.nn.layers import Linear, RMSNorm, broadcast_rows, layer_norm, timestep_sinusoid
 from turbojax.nn.blocks import make_blocks, run_blocks
 from turbojax.nn.remat import remat_policy
 from turbojax.nn.rope import apply_rope, rope_angles
@@ -193,8 +193,9 @@ class DualStreamBlock(nnx.Module):
 
     def __call__(self, img, txt, temb_silu, key_mask, rope):
         # chunk(2) then chunk(3): (shift1, scale1, gate1, shift2, scale2, gate2)
-        mi = jnp.split(self.img_mod(temb_silu)[:, None, :], 6, axis=-1)
-        mt = jnp.split(self.txt_mod(temb_silu)[:, None, :], 6, axis=-1)
+        # broadcast_rows: the same values, with a gradient that sums over tokens quickly (see its docstring)
+        mi = [broadcast_rows(m, img.shape) for m in jnp.split(self.img_mod(temb_silu)[:, None, :], 6, axis=-1)]
+        mt = [broadcast_rows(m, txt.shape) for m in jnp.split(self.txt_mod(temb_silu)[:, None, :], 6, axis=-1)]
 
         def modulate(x, shift, scale):
             return layer_norm(x, 1e-6) * (1 + scale) + shift

@@ -29,7 +29,7 @@ from flax import nnx
 
 from turbojax.nn.blocks import make_blocks, run_blocks
 from turbojax.nn.attention import attention
-from turbojax.nn.layers import Linear, RMSNorm, SwiGLU, layer_norm
+from turbojax.nn.layers import Linear, RMSNorm, SwiGLU, broadcast_rows, layer_norm
 from turbojax.nn.remat import remat_policy
 from turbojax.nn.rope import apply_rope, rope_angles_f64
 
@@ -293,9 +293,12 @@ class ZImageBlock(nnx.Module):
             return (x,)
         # no shift terms; scales are 1 + s and gates tanh(g); the time embedding enters without SiLU
         scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(self.adaLN_modulation(adaln)[:, None, :], 4, axis=-1)
-        attn = self.attention(self.attention_norm1(x) * (1.0 + scale_msa), key_mask, cos, sin)
-        x = x + jnp.tanh(gate_msa) * self.attention_norm2(attn)
-        x = x + jnp.tanh(gate_mlp) * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * (1.0 + scale_mlp)))
+        # broadcast_rows: the same values, with a gradient that sums over tokens quickly (see its docstring)
+        scale_msa, gate_msa, scale_mlp, gate_mlp = (broadcast_rows(m, x.shape) for m in (
+            1.0 + scale_msa, jnp.tanh(gate_msa), 1.0 + scale_mlp, jnp.tanh(gate_mlp)))
+        attn = self.attention(self.attention_norm1(x) * scale_msa, key_mask, cos, sin)
+        x = x + gate_msa * self.attention_norm2(attn)
+        x = x + gate_mlp * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * scale_mlp))
         return (x,)
 
 

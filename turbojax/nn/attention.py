@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 IMPLEMENTATIONS = ("xla", "chunked", "auto", "cudnn", "splash")
@@ -36,6 +37,8 @@ IMPLEMENTATIONS = ("xla", "chunked", "auto", "cudnn", "splash")
 KV_BLOCK = 2048
 LOGITS_BLOCK_BYTES = 8 << 20
 MIN_Q_BLOCK = 64
+F32 = jnp.float32
+NEG = jnp.finfo(F32).min  # same fill as the reference, so a fully masked row also averages all its keys
 
 
 def _xla_attention(q, k, v, key_mask, scale, causal=False):
@@ -71,85 +74,219 @@ def _from_bits(x, dtype):
     return lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
 
 
-def _chunked_attention(q, k, v, key_mask, scale, q_block: int | None = None, kv_block: int | None = None,
-                       causal: bool = False):
-    b, sq, h, d = q.shape
-    sk, dv = k.shape[1], v.shape[-1]
-    f32 = jnp.float32
-    neg = jnp.finfo(f32).min  # same fill as the reference, so a fully masked row also averages all its keys
-    bk, nk = _blocks(sk, kv_block or KV_BLOCK)
-    bq, nq = _blocks(sq, q_block or max(MIN_Q_BLOCK, LOGITS_BLOCK_BYTES // (4 * bk)))
+class _Chunking:
+    """Static tiling of one `_chunked_attention` call and the per-block pieces shared by its forward and backward."""
 
-    # Inputs stay in [B, S, H, D]: each loop step slices its (batch, head, block) straight out of them, which is
-    # cheaper than transposing q, k, v and the output to head-major layout around the loop. Padded queries are
-    # computed and dropped; padded keys get a -inf logit (never `neg`), so padding never enters a sum.
-    q, k, v = _pad_seq(q, nq * bq), _pad_seq(k, nk * bk), _pad_seq(v, nk * bk)
-    in_dtypes = q.dtype, k.dtype, v.dtype
-    q, k, v = _as_bits(q), _as_bits(k), _as_bits(v)
-    # fp32 inputs: scale q ([bq, D]) instead of the logits ([bq, bk]) and mask with an additive per-key bias (0 to
-    # keep, the reference's fill `neg` for masked keys, -inf for padding) instead of a select. XLA:CPU then fuses
-    # scale, mask, max and exp into the logits GEMM, one pass less over every block (~20% faster for a single
-    # 32-wide head as in the VAE). Pre-scaling is a round-off change and `s + neg` rounds to `neg` for any
-    # |s| < 1e31, so results match the reference to fp32 round-off. Half-precision inputs keep the reference's order
-    # (logits scaled after the product) and the select, which is faster there (measured: bf16 ~30% slower with the
-    # bias). Causal masks (decoder LLMs, off the hot path) always use selects, so that a row whose keys are all
-    # masked stays finite and averages its keys exactly like the reference.
-    fused = in_dtypes[0] == f32 and not causal
-    keep = jnp.ones((b, sk), bool) if key_mask is None else key_mask.astype(bool)
-    padded = nk * bk != sk
-    bias = None
-    if fused and (key_mask is not None or padded):
-        bias = jnp.concatenate([jnp.where(keep, f32(0), neg), jnp.full((b, nk * bk - sk), -jnp.inf, f32)], axis=1)
-    keep = _pad_seq(keep, nk * bk)
-    fill = jnp.where(jnp.arange(nk * bk) < sk, neg, -jnp.inf).astype(f32)
+    def __init__(self, q_shape, k_shape, v_shape, dtypes, key_mask, scale, q_block, kv_block, causal):
+        self.b, self.sq, self.h, self.d = q_shape
+        self.sk, self.dv = k_shape[1], v_shape[-1]
+        self.dtypes, self.scale, self.causal = dtypes, scale, causal
+        self.bk, self.nk = _blocks(self.sk, kv_block or KV_BLOCK)
+        self.bq, self.nq = _blocks(self.sq, q_block or max(MIN_Q_BLOCK, LOGITS_BLOCK_BYTES // (4 * self.bk)))
+        # fp32 inputs: scale q ([bq, D]) instead of the logits ([bq, bk]) and mask with an additive per-key bias (0
+        # to keep, the reference's fill `neg` for masked keys, -inf for padding) instead of a select. XLA:CPU then
+        # fuses scale, mask, max and exp into the logits GEMM, one pass less over every block (~20% faster for a
+        # single 32-wide head as in the VAE). Pre-scaling is a round-off change and `s + neg` rounds to `neg` for any
+        # |s| < 1e31, so results match the reference to fp32 round-off. Half-precision inputs keep the reference's
+        # order (logits scaled after the product) and the select, which is faster there (measured: bf16 ~30% slower
+        # with the bias). Causal masks (decoder LLMs, off the hot path) always use selects, so that a row whose keys
+        # are all masked stays finite and averages its keys exactly like the reference.
+        self.fused = dtypes[0] == F32 and not causal
+        self.masked = key_mask is not None
+        self.padded = self.nk * self.bk != self.sk
 
-    def scores_and_values(bi, hi, qi, start, q_start):
+    def prepare(self, key_mask):
+        """Per-call mask arrays: (bias or None, keep [B, Sk_pad], fill [Sk_pad])."""
+        b, sk, nk, bk = self.b, self.sk, self.nk, self.bk
+        keep = jnp.ones((b, sk), bool) if key_mask is None else key_mask.astype(bool)
+        bias = None
+        if self.fused and (self.masked or self.padded):
+            bias = jnp.concatenate([jnp.where(keep, F32(0), NEG), jnp.full((b, nk * bk - sk), -jnp.inf, F32)], axis=1)
+        keep = _pad_seq(keep, nk * bk)
+        fill = jnp.where(jnp.arange(nk * bk) < sk, NEG, -jnp.inf).astype(F32)
+        return bias, keep, fill
+
+    def q_rows(self, q, bi, hi, qb):
+        """Query block `[bq, D]` in the input dtype, pre-scaled on the fused path."""
+        qi = _from_bits(lax.dynamic_slice(q, (bi, qb * self.bq, hi, 0), (1, self.bq, 1, self.d)).reshape(
+            self.bq, self.d), self.dtypes[0])
+        return qi * self.scale if self.fused else qi
+
+    def kv_rows(self, k, v, bi, hi, start):
+        ki = _from_bits(lax.dynamic_slice(k, (bi, start, hi, 0), (1, self.bk, 1, self.d)).reshape(self.bk, self.d),
+                        self.dtypes[1])
+        vi = _from_bits(lax.dynamic_slice(v, (bi, start, hi, 0), (1, self.bk, 1, self.dv)).reshape(
+            self.bk, self.dv), self.dtypes[2])
+        return ki, vi
+
+    def scores(self, masks, qi, ki, bi, start, q_start):
         """fp32 logits `[bq, bk]` (masked) of the query block at `q_start` against the key block at `start`."""
-        ki = _from_bits(lax.dynamic_slice(k, (bi, start, hi, 0), (1, bk, 1, d)).reshape(bk, d), in_dtypes[1])
-        vi = _from_bits(lax.dynamic_slice(v, (bi, start, hi, 0), (1, bk, 1, dv)).reshape(bk, dv), in_dtypes[2])
-        s = lax.dot_general(qi, ki, (((1,), (1,)), ((), ())), preferred_element_type=f32)
-        if fused:
-            return (s if bias is None else s + lax.dynamic_slice(bias, (bi, start), (1, bk))), vi
-        s = s * scale
-        if causal:
-            s = jnp.where(start + jnp.arange(bk)[None, :] <= q_start + jnp.arange(bq)[:, None], s, neg)
-        if key_mask is None and not padded:
-            return s, vi
+        bias, keep, fill = masks
+        s = lax.dot_general(qi, ki, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+        if self.fused:
+            return s if bias is None else s + lax.dynamic_slice(bias, (bi, start), (1, self.bk))
+        s = s * self.scale
+        if self.causal:
+            s = jnp.where(self.causal_keep(start, q_start), s, NEG)
+        if not self.masked and not self.padded:
+            return s
         # A scalar fill keeps this select fusable into the logits GEMM; the per-key fill is only for padding.
-        keep_i = lax.dynamic_slice(keep, (bi, start), (1, bk))[0]
-        fill_i = lax.dynamic_slice_in_dim(fill, start, bk)[None, :] if padded else neg
-        return jnp.where(keep_i[None, :], s, fill_i), vi
+        keep_i = lax.dynamic_slice(keep, (bi, start), (1, self.bk))[0]
+        fill_i = lax.dynamic_slice_in_dim(fill, start, self.bk)[None, :] if self.padded else NEG
+        return jnp.where(keep_i[None, :], s, fill_i)
+
+    def causal_keep(self, start, q_start):
+        return start + jnp.arange(self.bk)[None, :] <= q_start + jnp.arange(self.bq)[:, None]
+
+    def grad_keep(self, masks, bi, start, q_start):
+        """Where a logit depends on q and k (None: everywhere). Masked logits are constants in the reference, so
+        their gradient is zero even in a fully masked row, whose probabilities are uniform, not zero."""
+        keep = None
+        if self.masked:
+            keep = lax.dynamic_slice(masks[1], (bi, start), (1, self.bk))
+        if self.causal:
+            c = self.causal_keep(start, q_start)
+            keep = c if keep is None else keep & c
+        return keep
+
+
+def _chunked_forward(c: _Chunking, q, k, v, masks, stats: bool):
+    """Output `[B, Sq_pad, H, Dv]` fp32 and, with `stats`, the softmax statistics `(max, 1/sum)` per query row,
+    `[B, H, Sq_pad]` fp32 each (the backward recomputes the probabilities from them)."""
+    b, h, nq, nk, bq, bk, dv = c.b, c.h, c.nq, c.nk, c.bq, c.bk, c.dv
 
     def pv(p, vi):
-        return jnp.dot(p.astype(vi.dtype), vi, preferred_element_type=f32)
+        return jnp.dot(p.astype(vi.dtype), vi, preferred_element_type=F32)
 
-    def one_block(i, out):
+    def one_block(i, carry):
+        out, m_all, l_all = carry
         bi, hi, qb = i // (h * nq), (i // nq) % h, i % nq
-        qi = _from_bits(lax.dynamic_slice(q, (bi, qb * bq, hi, 0), (1, bq, 1, d)).reshape(bq, d), in_dtypes[0])
-        if fused:
-            qi = qi * scale
+        qi = c.q_rows(q, bi, hi, qb)
         if nk == 1:  # whole key range at once: plain softmax, no rescaling
-            s, vi = scores_and_values(bi, hi, qi, 0, qb * bq)
-            p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-            o = pv(p, vi) / jnp.sum(p, axis=-1, keepdims=True)
+            ki, vi = c.kv_rows(k, v, bi, hi, 0)
+            s = c.scores(masks, qi, ki, bi, 0, qb * bq)
+            m = jnp.max(s, axis=-1, keepdims=True)
+            p = jnp.exp(s - m)
+            l = jnp.sum(p, axis=-1, keepdims=True)
+            o = pv(p, vi) / l
         else:  # online softmax over key blocks, statistics in fp32
             def kv_step(j, carry):
                 m, l, acc = carry
-                s, vi = scores_and_values(bi, hi, qi, j * bk, qb * bq)
+                ki, vi = c.kv_rows(k, v, bi, hi, j * bk)
+                s = c.scores(masks, qi, ki, bi, j * bk, qb * bq)
                 m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
                 corr = jnp.exp(m - m_new)
                 p = jnp.exp(s - m_new)
                 return m_new, l * corr + jnp.sum(p, axis=-1, keepdims=True), acc * corr + pv(p, vi)
 
-            init = (jnp.full((bq, 1), neg, f32), jnp.zeros((bq, 1), f32), jnp.zeros((bq, dv), f32))
-            _, l, acc = lax.fori_loop(0, nk, kv_step, init)
+            init = (jnp.full((bq, 1), NEG, F32), jnp.zeros((bq, 1), F32), jnp.zeros((bq, dv), F32))
+            m, l, acc = lax.fori_loop(0, nk, kv_step, init)
             o = acc / l
-        return lax.dynamic_update_slice(out, o.reshape(1, bq, 1, dv), (bi, qb * bq, hi, 0))
+        out = lax.dynamic_update_slice(out, o.reshape(1, bq, 1, dv), (bi, qb * bq, hi, 0))
+        if stats:
+            m_all = lax.dynamic_update_slice(m_all, m.reshape(1, 1, bq), (bi, hi, qb * bq))
+            l_all = lax.dynamic_update_slice(l_all, (1 / l).reshape(1, 1, bq), (bi, hi, qb * bq))
+        return out, m_all, l_all
 
     # The loop output stays fp32 and is rounded once at the end: XLA:CPU has no bf16 dynamic-update-slice and
     # would convert the whole bf16 buffer to fp32 and back on every step.
-    out = lax.fori_loop(0, b * h * nq, one_block, jnp.zeros((b, nq * bq, h, dv), f32))
-    return out[:, :sq].astype(in_dtypes[2])
+    st = jnp.zeros((b, h, nq * bq) if stats else (0,), F32)
+    return lax.fori_loop(0, b * h * nq, one_block, (jnp.zeros((b, nq * bq, h, dv), F32), st, st))
+
+
+def _chunked_backward(c: _Chunking, q, k, v, masks, out, m_all, linv_all, dout):
+    """Flash-style backward: per (batch, head, query block) the probabilities are recomputed from the saved row
+    statistics, one key block at a time, so no `[Sq, Sk]` tensor is stored between the passes (autodiff through
+    the forward loop kept every block's logits and probabilities and moved them through the loop carries).
+
+    With P the probabilities, dO the output cotangent and Di = rowsum(dO * O):
+      dV += P^T dO,  dS = P * (dO V^T - Di),  dQ = dS K,  dK += dS^T Q   (times the logit scale for Q and K).
+    Gradient products run in the input dtype with fp32 accumulation, like the forward's."""
+    b, h, nq, nk, bq, bk, d, dv = c.b, c.h, c.nq, c.nk, c.bq, c.bk, c.d, c.dv
+    odt = c.dtypes[2]
+    dout, out = _as_bits(dout), _as_bits(out)
+    kdt = c.dtypes[1]
+
+    def rows(x, bi, hi, qb, width, dtype):
+        return _from_bits(lax.dynamic_slice(x, (bi, qb * bq, hi, 0), (1, bq, 1, width)).reshape(bq, width), dtype)
+
+    def tdot(x, y):  # x^T y, contracting the rows of both
+        return lax.dot_general(x, y, (((0,), (0,)), ((), ())), preferred_element_type=F32)
+
+    def one_block(i, carry):
+        dq, dk, dvv = carry
+        bi, hi, qb = i // (h * nq), (i // nq) % h, i % nq
+        qi = c.q_rows(q, bi, hi, qb)
+        doi = rows(dout, bi, hi, qb, dv, odt)
+        di = jnp.sum(doi.astype(F32) * rows(out, bi, hi, qb, dv, odt).astype(F32), axis=-1, keepdims=True)
+        mi = lax.dynamic_slice(m_all, (bi, hi, qb * bq), (1, 1, bq)).reshape(bq, 1)
+        li = lax.dynamic_slice(linv_all, (bi, hi, qb * bq), (1, 1, bq)).reshape(bq, 1)
+
+        def kv_step(j, carry):
+            dqi, dk, dvv = carry
+            start = j * bk
+            ki, vi = c.kv_rows(k, v, bi, hi, start)
+            p = jnp.exp(c.scores(masks, qi, ki, bi, start, qb * bq) - mi) * li
+            dp = lax.dot_general(doi, vi, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+            ds = p * (dp - di)
+            keep = c.grad_keep(masks, bi, start, qb * bq)
+            if keep is not None:
+                ds = jnp.where(keep, ds, F32(0))
+            if not c.fused:  # fused: q was pre-scaled, so dS K is the gradient of the scaled q
+                ds = ds * c.scale
+            ds_k = ds.astype(kdt)
+            dqi = dqi + jnp.dot(ds_k, ki, preferred_element_type=F32)
+            at = (bi, start, hi, 0)
+            dk_j = lax.dynamic_slice(dk, at, (1, bk, 1, d)) + tdot(ds_k, qi).reshape(1, bk, 1, d)
+            dv_j = lax.dynamic_slice(dvv, at, (1, bk, 1, dv)) + tdot(p.astype(odt), doi).reshape(1, bk, 1, dv)
+            return dqi, lax.dynamic_update_slice(dk, dk_j, at), lax.dynamic_update_slice(dvv, dv_j, at)
+
+        dqi, dk, dvv = lax.fori_loop(0, nk, kv_step, (jnp.zeros((bq, d), F32), dk, dvv))
+        if c.fused:
+            dqi = dqi * c.scale
+        return lax.dynamic_update_slice(dq, dqi.reshape(1, bq, 1, d), (bi, qb * bq, hi, 0)), dk, dvv
+
+    init = (jnp.zeros((b, nq * bq, h, d), F32), jnp.zeros((b, nk * bk, h, d), F32),
+            jnp.zeros((b, nk * bk, h, dv), F32))
+    return lax.fori_loop(0, b * h * nq, one_block, init)
+
+
+def _chunked_attention(q, k, v, key_mask, scale, q_block: int | None = None, kv_block: int | None = None,
+                       causal: bool = False):
+    c = _Chunking(q.shape, k.shape, v.shape, (q.dtype, k.dtype, v.dtype), key_mask, scale, q_block, kv_block,
+                  causal)
+    sq, sk = c.sq, c.sk
+
+    # Inputs stay in [B, S, H, D]: each loop step slices its (batch, head, block) straight out of them, which is
+    # cheaper than transposing q, k, v and the output to head-major layout around the loop. Padded queries are
+    # computed and dropped; padded keys get a -inf logit (never `neg`), so padding never enters a sum.
+    def padded_bits(q, k, v):
+        return (_as_bits(_pad_seq(q, c.nq * c.bq)), _as_bits(_pad_seq(k, c.nk * c.bk)),
+                _as_bits(_pad_seq(v, c.nk * c.bk)))
+
+    @jax.custom_vjp
+    def attend(q, k, v, key_mask):
+        out, _, _ = _chunked_forward(c, *padded_bits(q, k, v), c.prepare(key_mask), stats=False)
+        return out[:, :sq].astype(c.dtypes[2])
+
+    def attend_fwd(q, k, v, key_mask):
+        out, m, linv = _chunked_forward(c, *padded_bits(q, k, v), c.prepare(key_mask), stats=True)
+        out = out.astype(c.dtypes[2])
+        return out[:, :sq], (q, k, v, key_mask, out, m, linv)
+
+    def attend_bwd(res, dout):
+        q, k, v, key_mask, out, m, linv = res
+        dq, dk, dv = _chunked_backward(c, *padded_bits(q, k, v), c.prepare(key_mask), out, m, linv,
+                                       _pad_seq(dout, c.nq * c.bq))
+        mask_ct = None
+        if key_mask is not None:  # never differentiated; float0 is the zero cotangent of a bool / int input
+            mask_ct = (jnp.zeros_like(key_mask) if jnp.issubdtype(key_mask.dtype, jnp.inexact)
+                       else np.zeros(key_mask.shape, jax.dtypes.float0))
+        return (dq[:, :sq].astype(c.dtypes[0]), dk[:, :sk].astype(c.dtypes[1]), dv[:, :sk].astype(c.dtypes[2]),
+                mask_ct)
+
+    attend.defvjp(attend_fwd, attend_bwd)
+    return attend(q, k, v, key_mask)
 
 
 def resolve_impl(impl: str) -> str:

@@ -6,6 +6,8 @@ norm statistics are always taken in float32 (the PyTorch references do the same)
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Sequence
 
 import jax
@@ -13,6 +15,45 @@ import jax.numpy as jnp
 from flax import nnx
 
 Axes = tuple[str | None, ...]
+
+
+def broadcast_rows(v: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """`jnp.broadcast_to(v, shape)` for a per-sample or shared vector (bias, norm weight, modulation `[B, 1, D]`)
+    whose gradient sums the broadcast rows as a 2-D `[rows, D]` reduction, accumulated in fp32.
+
+    Why: autodiff's own transpose of the broadcast is a `reduce_sum` over the token axis of a `[1, S, D]` product,
+    which XLA:CPU fuses into a reduction ~75x slower than the same sum over `[S, D]` (measured at batch 1, S=1024,
+    D=512: 12 ms vs 0.16 ms). A training step has a few dozen of them per block (biases, modulation shifts,
+    scales and gates, norm weights), which made them a large share of the backward."""
+    shape = tuple(int(n) for n in shape)
+    if tuple(v.shape) == shape:
+        return v
+    return _broadcast_rows_fn(tuple(v.shape), shape, jnp.dtype(v.dtype))(v)
+
+
+@functools.lru_cache(maxsize=None)
+def _broadcast_rows_fn(vshape: tuple, shape: tuple, dtype):
+    full = (1,) * (len(shape) - len(vshape)) + vshape
+    reduced = tuple(i for i, (a, b) in enumerate(zip(full, shape)) if a == 1 and b != 1)
+    kept = [i for i, (a, b) in enumerate(zip(full, shape)) if a != 1]
+    # One 2-D reduction when every summed axis comes before every kept one (size-1 axes aside).
+    flat = not kept or not reduced or max(reduced) < min(kept)
+    width = math.prod(shape[i] for i in kept)
+
+    @jax.custom_vjp
+    def bcast(v):
+        return jnp.broadcast_to(v, shape)
+
+    def fwd(v):
+        return jnp.broadcast_to(v, shape), None
+
+    def bwd(_, ct):
+        ct = ct.astype(jnp.float32)
+        total = jnp.sum(ct.reshape(-1, width), axis=0) if flat else jnp.sum(ct, axis=reduced, keepdims=True)
+        return (total.reshape(vshape).astype(dtype),)
+
+    bcast.defvjp(fwd, bwd)
+    return bcast
 
 
 class LoraParam(nnx.Variable):
@@ -47,7 +88,7 @@ class Linear(nnx.Module):
         xc = x.astype(self.dtype)
         y = jnp.dot(xc, self.kernel[...].astype(self.dtype), preferred_element_type=jnp.float32)
         if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
+            y = y + broadcast_rows(self.bias[...].astype(jnp.float32), y.shape)
         if self.lora_a is not None:
             h = jnp.dot(xc, self.lora_a[...].astype(self.dtype), preferred_element_type=jnp.float32)
             y = y + self.lora_scale * jnp.dot(h.astype(self.dtype), self.lora_b[...].astype(self.dtype),
@@ -85,7 +126,7 @@ class RMSNorm(nnx.Module):
         # torch casts the normalised tensor to a half-precision weight dtype *before* the product.
         if w.dtype != jnp.float32:
             y = y.astype(w.dtype)
-        return (y * w).astype(self.dtype)
+        return (y * broadcast_rows(w, y.shape)).astype(self.dtype)
 
 
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:

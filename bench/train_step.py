@@ -1,0 +1,417 @@
+"""Training-step benchmark: forward + backward of the medium Qwen-Image / Z-Image transformers, turbojax vs diffusers.
+
+Same models, weights and inputs as `bench/forward.py` (its model building is reused). The loss is the mean square of
+the output. For each model and dtype it times, alternating run by run in one process:
+
+  * turbojax jitted forward of the loss, and jitted `value_and_grad` w.r.t. every parameter;
+  * turbojax forward and `value_and_grad` w.r.t. a LoRA only (rank `--lora-rank` on the distillation targets:
+    attention projections and MLPs of the blocks), built with `turbojax.lora.unmerged` roles as distillation does;
+  * diffusers eager forward (`torch.no_grad()`), and forward + `loss.backward()` w.r.t. every parameter; with peft
+    installed, also with a LoRA of the same rank on the same modules (base frozen).
+
+It prints fwd+bwd / fwd for both frameworks (the FLOP ratio is about 3: the backward runs every GEMM twice, once for
+the input and once for the weight gradient), the speed-up over diffusers, the GEMM floor of the backward (every
+transposed product of the backward timed alone, in the layout autodiff produces) and, with `--profile 1`, a per-op
+profile of the compiled turbojax fwd+bwd (a `jax.profiler` trace, op time summed per HLO instruction and mapped to
+the JAX operation that emitted it). The gradient of the patch embedder is compared with torch's as a sanity check.
+
+Run:  python bench/train_step.py [--models qwen_image,z_image] [--dtypes fp32,bf16] [--iters 5] [--profile 1]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import copy
+import glob
+import gzip
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import forward as fwdbench  # noqa: E402
+from gemm_floor import _best_ms, qwen_image_gemms, z_image_gemms  # noqa: E402
+from turbojax.lora import init_adapter  # noqa: E402
+from turbojax.lora.unmerged import factors_of, make_role  # noqa: E402
+
+DTYPES = fwdbench.DTYPES
+TARGET_RATIO = 3.5     # issue 14: fwd+bwd <= 3.5 x forward
+TARGET_SPEEDUP = 1.25  # issue 14: >= 1.25x faster than diffusers' fwd+bwd
+# LoRA targets: the distillation default (turbojax.distill.config) and the same modules in diffusers' names.
+LORA_TARGETS = {
+    "qwen_image": ([r"transformer_blocks\.attn\.(to_q|to_k|to_v|to_out|add_q_proj|add_k_proj|add_v_proj|to_add_out)",
+                    r"transformer_blocks\.(img|txt)_mlp\.fc[12]"],
+                   r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
+                   r"to_add_out)|(img|txt)_mlp\.net\.(0\.proj|2))"),
+    "z_image": ([r"layers\.attention\.(to_q|to_k|to_v|to_out)", r"layers\.feed_forward\.(gate|up|down)"],
+                r"layers\.\d+\.(attention\.(to_q|to_k|to_v|to_out\.0)|feed_forward\.w[123])"),
+}
+# Gradient sanity check: the first linear of the model, whose gradient depends on every layer's backward.
+GRAD_PROBE = {"qwen_image": ("img_in", "img_in.weight"), "z_image": ("x_embedder", "all_x_embedder.2-1.weight")}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="qwen_image,z_image")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--iters", type=int, default=5, help="timed runs per measurement (alternating)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=1024)
+    p.add_argument("--text-tokens", type=int, default=64)
+    p.add_argument("--text-pad", type=int, default=0)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--attention-impl", default="auto")
+    p.add_argument("--scan-layers", type=int, choices=(0, 1), default=1)
+    p.add_argument("--remat", default="none", help="turbojax remat policy of the block bodies")
+    p.add_argument("--lora-rank", type=int, default=64, help="0 = skip the LoRA measurements")
+    p.add_argument("--torch", type=int, choices=(0, 1), default=1, help="0 = turbojax only (no diffusers timing)")
+    p.add_argument("--gemm-floor", type=int, choices=(0, 1), default=1)
+    p.add_argument("--profile", type=int, choices=(0, 1), default=1, help="per-op profile of the compiled fwd+bwd")
+    p.add_argument("--profile-top", type=int, default=15)
+    p.add_argument("--json", dest="json_out")
+    a = p.parse_args(argv)
+    a.models = [m.strip() for m in a.models.split(",") if m.strip()]
+    a.dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
+    if any(m not in LORA_TARGETS for m in a.models):
+        p.error(f"--models takes qwen_image and/or z_image, got {a.models}")
+    if any(d not in DTYPES for d in a.dtypes):
+        p.error(f"--dtypes takes fp32 and/or bf16, got {a.dtypes}")
+    return a
+
+
+def timed_group(fns: dict, iters: int, warmup: int) -> dict:
+    """Best and median ms of each `fn()` (which blocks), the functions alternating run by run (shared-host drift
+    hits them all alike)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(iters):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: {"best_ms": min(t), "median_ms": statistics.median(t), "all_ms": t} for k, t in times.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# turbojax side
+# ---------------------------------------------------------------------------------------------------------------
+
+def jax_apply(kind, inputs, jdt):
+    """`apply(model) -> output array` on inputs rounded to the compute dtype exactly like forward.py does."""
+    tdt = DTYPES["fp32" if jdt == jnp.float32 else "bf16"][1]
+    if kind == "z_image":
+        xs = tuple(jnp.asarray(torch.tensor(v).to(tdt).float().numpy()).astype(jdt) for v in inputs["x"])
+        cs = tuple(jnp.asarray(torch.tensor(v).to(tdt).float().numpy()).astype(jdt) for v in inputs["cap_feats"])
+        t = jnp.asarray(inputs["t"])
+        return lambda m: jnp.stack(m.forward(xs, t, cs))
+    arr = {k: jnp.asarray(torch.tensor(v).to(tdt).float().numpy()).astype(jdt)
+           for k, v in inputs.items() if isinstance(v, np.ndarray) and k != "timestep"}
+    ts, shapes = jnp.asarray(inputs["timestep"]), tuple(tuple(s) for s in inputs["img_shapes"][0])
+    return lambda m: m.forward(arr["hidden_states"], arr["encoder_hidden_states"], arr["encoder_hidden_states_mask"],
+                               ts, shapes)
+
+
+def mse(out):
+    return jnp.mean(jnp.square(out.astype(jnp.float32)))
+
+
+def jax_fns(kind, ours, apply, lora_rank):
+    graphdef, state = nnx.split(ours)
+
+    def loss_full(st):
+        return mse(apply(nnx.merge(graphdef, st)))
+    fns = {"fwd": jax.jit(loss_full), "fwd_bwd": jax.jit(jax.value_and_grad(loss_full))}
+    args = {"fwd": state, "fwd_bwd": state}
+    if lora_rank:
+        adapter = init_adapter(ours, LORA_TARGETS[kind][0], lora_rank, float(lora_rank), rng=jax.random.key(1))
+        # b = 0 would make the LoRA branch a no-op that XLA could simplify away; a small b keeps it honest.
+        adapter = {p: {**e, "b": e["b"] + 0.01} for p, e in adapter.items()}
+        role = make_role(graphdef, state, adapter)
+        factors = factors_of(adapter)
+
+        def loss_lora(f):
+            return mse(apply(role.model(state, f)))
+        fns["lora_fwd"], fns["lora_fwd_bwd"] = jax.jit(loss_lora), jax.jit(jax.value_and_grad(loss_lora))
+        args["lora_fwd"] = args["lora_fwd_bwd"] = factors
+    return fns, args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diffusers side
+# ---------------------------------------------------------------------------------------------------------------
+
+def torch_call(kind, inputs, tdt):
+    if kind == "z_image":
+        xs = [torch.tensor(v).to(tdt) for v in inputs["x"]]
+        cs = [torch.tensor(v).to(tdt) for v in inputs["cap_feats"]]
+        t = torch.tensor(inputs["t"])
+        return lambda m: torch.stack(m(xs, t, cs, return_dict=False)[0])
+    arr = {k: torch.tensor(v).to(tdt) for k, v in inputs.items() if isinstance(v, np.ndarray)}
+    shapes = inputs["img_shapes"]
+    return lambda m: m(**arr, img_shapes=shapes).sample
+
+
+def torch_fns(tm, call, lora_model=None):
+    def fwd():
+        with torch.no_grad():
+            return call(tm).float().pow(2).mean().item()
+
+    def make_bwd(model):
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def bwd():
+            for p in params:
+                p.grad = None
+            loss = call(model).float().pow(2).mean()
+            loss.backward()
+            return loss.item()
+        return bwd
+    fns = {"fwd": fwd, "fwd_bwd": make_bwd(tm)}
+    if lora_model is not None:
+        def lora_fwd():
+            with torch.no_grad():
+                return call(lora_model).float().pow(2).mean().item()
+        fns["lora_fwd"], fns["lora_fwd_bwd"] = lora_fwd, make_bwd(lora_model)
+    return fns
+
+
+def torch_lora_model(kind, tm, rank):
+    """A copy of the diffusers model with a peft LoRA on the distillation targets, base frozen (None without
+    peft)."""
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        return None
+    m = copy.deepcopy(tm)
+    m.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS[kind][1], init_lora_weights=True))
+    for n, p in m.named_parameters():
+        p.requires_grad_("lora_" in n)
+        if "lora_B" in n:
+            with torch.no_grad():
+                p.add_(0.01)
+    return m
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GEMM floor of the backward and per-op profile
+# ---------------------------------------------------------------------------------------------------------------
+
+def backward_gemms(fwd_gemms: dict) -> dict:
+    """For each forward product `[M, K] x [K, N]` the two of its backward, as (kind, M, K, N):
+    `dX = dY [M, N] x W^T` (contracting N of both stored operands) and `dW = X^T x dY` (contracting M)."""
+    g = collections.Counter()
+    for (m, k, n), c in fwd_gemms.items():
+        g[("dx", m, k, n)] += c
+        g[("dw", m, k, n)] += c
+    return g
+
+
+def backward_floor(fwd_gemms: dict, jdt, tdt, iters: int) -> dict:
+    rng = np.random.default_rng(0)
+    f32 = jnp.float32
+    dx = jax.jit(lambda dy, w: jax.lax.dot_general(dy, w, (((1,), (1,)), ((), ())),
+                                                   preferred_element_type=f32).astype(dy.dtype))
+    dw = jax.jit(lambda x, dy: jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ())),
+                                                   preferred_element_type=f32).astype(dy.dtype))
+    total, rows = {"jax_ms": 0.0, "torch_ms": 0.0}, []
+    for (kind, m, k, n), c in sorted(backward_gemms(fwd_gemms).items(), key=lambda kv: -np.prod(kv[0][1:]) * kv[1]):
+        if kind == "dx":
+            a, b = rng.standard_normal((m, n)), rng.standard_normal((k, n))
+            jf, tf = dx, (lambda a, b: a @ b.T)
+        else:
+            a, b = rng.standard_normal((m, k)), rng.standard_normal((m, n))
+            jf, tf = dw, (lambda a, b: a.T @ b)
+        ja, jb = jnp.asarray(a, jdt), jnp.asarray(b, jdt)
+        ta, tb = torch.tensor(a).to(tdt), torch.tensor(b).to(tdt)
+        tj = _best_ms(lambda: jf(ja, jb).block_until_ready(), iters)
+        tt = _best_ms(lambda: tf(ta, tb), iters)
+        rows.append({"kind": kind, "m": m, "k": k, "n": n, "count": c, "jax_ms": tj, "torch_ms": tt})
+        total["jax_ms"] += c * tj
+        total["torch_ms"] += c * tt
+    return {**total, "shapes": rows}
+
+
+def _hlo_sources(hlo_text: str) -> dict:
+    """HLO instruction name -> short description (opcode, fusion kind, shape, JAX op path) from the compiled HLO."""
+    out = {}
+    pat = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (\S+) (\w[\w\-]*)\(")
+    for line in hlo_text.splitlines():
+        m = pat.match(line)
+        if not m:
+            continue
+        name, shape, op = m.groups()
+        # op_name is the JAX transformation/primitive path, e.g. ".../transpose(jvp())/while/body/dot_general":
+        # `transpose(jvp())` marks the backward, the tail names the primitive.
+        opn = re.search(r'op_name="([^"]*)"', line)
+        what = "/".join(opn.group(1).split("/")[1:])[-80:] if opn else ""
+        kind = re.search(r"kind=(k\w+)", line)
+        out[name] = f"{op}{'/' + kind.group(1) if kind else ''} {shape[:40]} {what}".strip()
+    return out
+
+
+def profile_ops(fn, arg, runs: int = 3, top: int = 15) -> dict:
+    """Per-op time of the compiled `fn(arg)` from a `jax.profiler` trace (XLA:CPU emits one event per executed
+    thunk, named after its HLO instruction); loop bodies count every iteration."""
+    hlo = fn.lower(arg).compile().as_text()
+    names = _hlo_sources(hlo)
+    jax.block_until_ready(fn(arg))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(runs):
+                jax.block_until_ready(fn(arg))
+        files = glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)
+        if not files:
+            return {"error": "no perfetto trace written"}
+        data = json.load(gzip.open(files[0]))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    per = collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") == "X" and name in names:
+            per[name] += e.get("dur", 0) / 1e3 / runs
+    total = sum(per.values())
+    ops = [{"op": n, "ms": ms, "share": ms / total if total else 0.0, "what": names[n]} for n, ms in
+           per.most_common(top)]
+    by_kind, by_op = collections.Counter(), collections.Counter()
+    for n, ms in per.items():
+        kind = names[n].split(" ")[0]
+        by_kind[kind] += ms
+        # backward ops carry `transpose(` in their JAX path; the path's last element names the primitive
+        path = names[n].split(" ")[-1]
+        phase = "bwd" if "transpose(" in path else "fwd"
+        by_op[f"{phase} {'gemm' if 'ynn' in n or kind == 'dot' else kind} {path.split('/')[-1]}"] += ms
+    return {"total_ms": total, "top": ops, "by_kind": dict(by_kind.most_common(12)),
+            "by_op": dict(by_op.most_common(20))}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+def run_case(a, kind, name, tm, sd, fam, cfg, inputs, fl):
+    jdt, tdt = DTYPES[name]
+    tm.to(tdt)
+    ours = fwdbench.load_ours(fam, cfg, sd, jdt, a)
+    ours.remat = a.remat
+    apply = jax_apply(kind, inputs, jdt)
+    jfns, jargs = jax_fns(kind, ours, apply, a.lora_rank)
+    res = {"compile_s": {}}
+    for k, fn in jfns.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(jargs[k]))
+        res["compile_s"][k] = time.perf_counter() - t0
+    fns = {f"turbojax {k}": (lambda fn=fn, k=k: jax.block_until_ready(fn(jargs[k]))) for k, fn in jfns.items()}
+    if a.torch:
+        call = torch_call(kind, inputs, tdt)
+        for p in tm.parameters():
+            p.requires_grad_(True)
+        lora_tm = torch_lora_model(kind, tm, a.lora_rank) if a.lora_rank else None
+        fns.update({f"diffusers {k}": fn for k, fn in torch_fns(tm, call, lora_tm).items()})
+    res["times"] = timed_group(fns, a.iters, a.warmup)
+
+    # gradient sanity: the patch embedder's kernel gradient against torch's weight gradient (transposed)
+    if a.torch:
+        ours_key, torch_key = GRAD_PROBE[kind]
+        _, g = jfns["fwd_bwd"](jargs["fwd_bwd"])
+        gj = np.asarray(g[ours_key]["kernel"][...], np.float64).T
+        for p in tm.parameters():
+            p.grad = None
+        call(tm).float().pow(2).mean().backward()
+        gt = dict(tm.named_parameters())[torch_key].grad.double().numpy()
+        res["grad_rel_diff"] = float(np.abs(gj - gt).max() / np.abs(gt).max())
+        for p in tm.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+    if a.gemm_floor:
+        shapes = (z_image_gemms if kind == "z_image" else qwen_image_gemms)(cfg, a.batch, *fl["tokens"])
+        res["backward_floor"] = backward_floor(shapes, jdt, tdt, a.iters)
+    if a.profile:
+        res["profile"] = profile_ops(jfns["fwd_bwd"], jargs["fwd_bwd"], top=a.profile_top)
+    return res
+
+
+def report(kind, name, r):
+    t = {k: v["best_ms"] for k, v in r["times"].items()}
+    med = {k: v["median_ms"] for k, v in r["times"].items()}
+    print(f"\n{kind} {name}: best (median) ms of {len(next(iter(r['times'].values()))['all_ms'])} alternating runs")
+    for k in r["times"]:
+        print(f"  {k:26s} {t[k]:8.1f}  ({med[k]:.1f})")
+    j, d = t["turbojax fwd_bwd"] / t["turbojax fwd"], None
+    line = f"  fwd+bwd / fwd: turbojax {j:.2f}x (target <= {TARGET_RATIO})"
+    if "diffusers fwd_bwd" in t:
+        d = t["diffusers fwd_bwd"] / t["diffusers fwd"]
+        sp = t["diffusers fwd_bwd"] / t["turbojax fwd_bwd"]
+        line += f", diffusers {d:.2f}x; speed-up over diffusers fwd+bwd {sp:.2f}x (target >= {TARGET_SPEEDUP})"
+        r["speedup"] = sp
+    print(line)
+    r["ratio"], r["diffusers_ratio"] = j, d
+    if "turbojax lora_fwd_bwd" in t:
+        lj = t["turbojax lora_fwd_bwd"] / t["turbojax lora_fwd"]
+        line = f"  LoRA only: turbojax fwd+bwd / fwd {lj:.2f}x"
+        if "diffusers lora_fwd_bwd" in t:
+            line += (f", diffusers {t['diffusers lora_fwd_bwd'] / t['diffusers lora_fwd']:.2f}x; speed-up "
+                     f"{t['diffusers lora_fwd_bwd'] / t['turbojax lora_fwd_bwd']:.2f}x")
+        print(line)
+    noisy = [k for k in t if med[k] > fwdbench.NOISY * t[k]]
+    if noisy:
+        print(f"  warning: median > {fwdbench.NOISY}x best for {', '.join(noisy)} (contended host)")
+    if "grad_rel_diff" in r:
+        print(f"  patch-embedder gradient vs torch: rel max diff {r['grad_rel_diff']:.2e}")
+    if "backward_floor" in r:
+        f = r["backward_floor"]
+        print(f"  backward GEMM floor (transposed products timed alone): JAX {f['jax_ms']:.1f} ms, torch "
+              f"{f['torch_ms']:.1f} ms; turbojax backward (fwd+bwd - fwd) "
+              f"{t['turbojax fwd_bwd'] - t['turbojax fwd']:.1f} ms")
+    if "profile" in r and "top" in r["profile"]:
+        p = r["profile"]
+        print(f"  per-op profile of the compiled fwd+bwd ({p['total_ms']:.1f} ms of op time per run):")
+        for o in p["top"]:
+            print(f"    {o['ms']:7.2f} ms {100 * o['share']:5.1f}%  {o['op'][:28]:28s} {o['what'][:110]}")
+        print("    by op kind (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in p["by_kind"].items()))
+        print("    by phase / kind / JAX primitive (ms, share):")
+        for k, v in p["by_op"].items():
+            print(f"      {v:8.1f} {100 * v / p['total_ms']:5.1f}%  {k}")
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    print(f"host: {fwdbench.cpu_summary()}\njax {jax.__version__}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads); attention_impl={a.attention_impl}, scan_layers={bool(a.scan_layers)}, "
+          f"remat={a.remat}, LoRA rank {a.lora_rank}")
+    h, w = fwdbench.grid(a.tokens)
+    results = {}
+    for kind in a.models:
+        tm, sd, fam, cfg = fwdbench.build_models(a, kind)
+        inputs = fwdbench.make_inputs(a, cfg, kind)
+        fl = fwdbench.model_flops(kind, cfg, a.batch, h * w, a.text_tokens)
+        fl["tokens"] = (h * w, a.text_tokens)
+        print(f"\n{kind}: {a.layers} layers, {a.heads}x{a.head_dim}, batch {a.batch}, {h * w} image + "
+              f"{a.text_tokens} text tokens; forward {fl['total'] / 1e9:.2f} GFLOP, fwd+bwd ~{3 * fl['total'] / 1e9:.2f}")
+        for name in a.dtypes:
+            r = run_case(a, kind, name, tm, sd, fam, cfg, inputs, fl)
+            report(kind, name, r)
+            results[f"{kind} {name}"] = r
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps({"config": {k: v for k, v in vars(a).items() if k != "json_out"},
+                                                "results": results}, indent=2, default=str))
+        print(f"wrote {a.json_out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
