@@ -231,7 +231,8 @@ def distill(cfg, workdir: Path) -> int:
         except (ValueError, OSError) as e:
             raise UserError(f"--config.init_from {cfg.init_from or '(the shipped digits teacher)'}: {e}") from None
         batches = digits_training.batches(cfg, base, progress=lambda m: print(m, flush=True))
-        latent_shape, cap_len = (16, 64), None
+        from turbojax.digits import data as digits_data
+        latent_shape, cap_len = (digits_data.NUM_TOKENS, digits_data.TOKEN_DIM), None
     elif cfg.data.kind == "prompts":  # a diffusers pipeline folder + a prompt file encoded at start-up
         from turbojax import pipelines
         from turbojax.data import encoded
