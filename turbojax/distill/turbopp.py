@@ -423,3 +423,15 @@ def per_step_pipeline(pipe, step_loras):
             return x
 
     return PerStepPipeline(**{f.name: getattr(pipe, f.name) for f in dataclasses.fields(pipe)})
+
+
+def digits_sampler(teacher, folder):
+    """`(sample(labels, seed) -> uint8 digits, train_s_per_step or None)` of an exported Turbo++ digits student
+    (a `train.py` workdir holding `lora_step*.safetensors` + `sampler.json`), for `bench/distill_quality.py` rows."""
+    from turbojax.digits import data
+
+    adapters, settings = load_steps(folder, teacher)
+    sig, guidance = settings["sigmas"][:-1], float(settings.get("guidance", 1.0))
+    return ((lambda labels, seed: data.tokens_to_images(digits_tokens(teacher, adapters, labels, seed, sig,
+                                                                       guidance))),
+            settings.get("train_s_per_step"))
