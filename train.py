@@ -267,6 +267,8 @@ def distill(cfg, workdir: Path) -> int:
         method = methods.build(cfg, base, latent_shape, jax.random.key(cfg.seed + 1), cap_len=cap_len)
     except (ValueError, KeyError) as e:
         raise UserError(f"--config: {e}") from None
+    except OSError as e:  # e.g. a missing --config.init_student_lora file
+        raise UserError(f"--config: {e.filename or ''}: {e.strerror or e}") from None
     engine = Engine(method.turns, method.txs, float(cfg.ema_decay), seed=int(cfg.seed))
     state = engine.init_state(method.params)
     n_train = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state["params"]))

@@ -73,21 +73,6 @@ def base_rows(teacher, *, steps: int, guidance: float, real: bool = True) -> lis
     return rows
 
 
-def lora_student(teacher, folder) -> tuple[Sampler, float | None]:
-    """A student trained by `train.py` (a workdir, or a shipped student folder): its LoRA on the teacher, sampled
-    with the sigma list and guidance of its `sampler.json`; also its training time per step when recorded."""
-    from turbojax import lora
-    from turbojax.digits.cli import student_files
-    lora_file, settings, _ = student_files(None, str(folder))
-    adapter = lora.load(lora_file, teacher)
-    merged = lora.apply(teacher, [(adapter, 1.0)])
-    raw = json.loads((Path(folder) / "sampler.json").read_text())
-
-    def sample(lab, seed):
-        return dmodel.generate(merged, lab, seed, settings["sigmas"], settings["guidance"])
-    return sample, raw.get("train_s_per_step")
-
-
 def student_rows(teacher, students: dict | None = None) -> list:
     """One row per student `{name: folder}`; default: every shipped student (turbojax/digits/assets/students)."""
     from turbojax.digits import cli
@@ -95,7 +80,7 @@ def student_rows(teacher, students: dict | None = None) -> list:
         students = {name: cli.STUDENTS / name for name in cli.shipped()}
     rows = []
     for name, folder in students.items():
-        sample, per_step = lora_student(teacher, folder)
+        sample, _, per_step = cli.load_student(teacher, folder)
         add_student(rows, name, sample, per_step)
     return rows
 
@@ -170,9 +155,8 @@ def main(argv=None, extra_rows: list | None = None) -> list:
         students = {}
         for spec in a.student:
             name, eq, folder = spec.partition("=")
-            if not eq or not name or not (Path(folder) / "sampler.json").is_file():
-                fail(f"--student {spec}: expected NAME=DIR with DIR a train.py workdir (lora.safetensors, "
-                     "sampler.json)")
+            if not eq or not name or not any((Path(folder) / f).is_file() for f in ("sampler.json", "arcflow.json")):
+                fail(f"--student {spec}: expected NAME=DIR with DIR a train.py workdir of a finished run")
             students[name] = Path(folder)
     rows += student_rows(teacher, students) + list(extra_rows or [])
     results = run(rows, num=a.num, seeds=a.seeds, out=lambda s: print(s, file=sys.stderr, flush=True))

@@ -21,7 +21,7 @@ from turbojax.digits.model import ASSETS
 STUDENTS = ASSETS / "students"
 # the shipped students, best first (by bench/distill_quality.py's Frechet distance); the first one present is the
 # default of `python sample.py`
-PREFERENCE = ("dmd2_gan", "dmd2", "pcm_dmd2_gan", "pcm", "turbopp")
+PREFERENCE = ("dmd2_gan", "dmd2", "pcm_dmd2_gan", "pcm", "turbopp", "arcflow")
 PIPELINE_ONLY = ("config", "prompt", "prompts_file", "negative_prompt", "sigmas", "width", "height", "lora",
                  "noise", "tiled_decode")
 
@@ -30,36 +30,64 @@ class DigitsError(ValueError):
     pass
 
 
+def _is_student(folder: Path) -> bool:
+    return (folder / "sampler.json").is_file() or (folder / "arcflow.json").is_file()
+
+
 def shipped() -> list[str]:
-    return [m for m in PREFERENCE if (STUDENTS / m / "lora.safetensors").is_file()]
+    return [m for m in PREFERENCE if _is_student(STUDENTS / m)]
 
 
-def student_files(method: str | None, student_dir: str | None) -> tuple[Path, dict, str]:
-    """(LoRA file, sampler settings, name) of the asked student."""
+def student_folder(method: str | None, student_dir: str | None) -> tuple[Path, str]:
+    """(folder, display name) of the asked student: a train.py workdir, or a shipped one by name."""
     if student_dir is not None:
         folder = Path(student_dir)
-        name = f"--student {student_dir}"
-    else:
-        available = shipped()
-        if method is None:
-            if not available:
-                raise DigitsError("no shipped digits student found; train one with `python train.py` and pass "
-                                  "--student out/digits_dmd2_gan, or sample the teacher with --teacher")
-            method = available[0]
-        if method not in available:
-            raise DigitsError(f"--method {method!r}: the shipped students are {available}")
-        folder, name = STUDENTS / method, method
-    lora_file, side = folder / "lora.safetensors", folder / "sampler.json"
-    for f in (lora_file, side):
-        if not f.is_file():
-            raise DigitsError(f"{name}: {f} not found (a train.py workdir holds lora.safetensors and sampler.json)")
+        if not folder.is_dir() or not _is_student(folder):
+            raise DigitsError(f"--student {student_dir}: not a train.py workdir of a finished run (no sampler.json "
+                              "or arcflow.json)")
+        return folder, f"--student {student_dir}"
+    available = shipped()
+    if method is None:
+        if not available:
+            raise DigitsError("no shipped digits student found; train one with `python train.py` and pass "
+                              "--student out/digits_dmd2_gan, or sample the teacher with --teacher")
+        method = available[0]
+    if method not in available:
+        raise DigitsError(f"--method {method!r}: the shipped students are {available}")
+    return STUDENTS / method, method
+
+
+def load_student(teacher, folder: Path, guidance: float | None = None):
+    """`(sample(labels, seed) -> uint8 digits [N, 32, 32, 1], steps, train_s_per_step)` of an exported student:
+    an ArcFlow folder (`arcflow.json`), a Turbo++ folder (`sampler.json` with `step_adapters`), or a single LoRA
+    (`lora.safetensors` + `sampler.json`: DMD2, PCM, ...). `guidance` overrides a LoRA student's CFG."""
+    folder = Path(folder)
     try:
+        if (folder / "arcflow.json").is_file():
+            from turbojax.distill import arcflow_heads
+            sample, per_step = arcflow_heads.digits_sampler(teacher, folder)
+            meta = json.loads((folder / "arcflow.json").read_text())
+            return sample, len(meta.get("sigmas", [0, 0])) - 1, per_step
+        side = folder / "sampler.json"
         settings = json.loads(side.read_text())
-        sigmas = [float(s) for s in settings["sigmas"]]
-        guidance = float(settings.get("guidance", 1.0))
-    except (ValueError, KeyError, TypeError) as e:
-        raise DigitsError(f"{side}: not a sampler settings file ({e})") from None
-    return lora_file, {"sigmas": sigmas, "guidance": guidance}, name
+        sigmas = [float(x) for x in settings["sigmas"]]
+        if "step_adapters" in settings:
+            from turbojax.distill import turbopp
+            sample, per_step = turbopp.digits_sampler(teacher, folder)
+            return sample, len(sigmas) - 1, per_step
+        g = float(settings.get("guidance", 1.0)) if guidance is None else guidance
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        raise DigitsError(f"{folder}: not an exported student ({e})") from None
+    from turbojax import lora
+    lora_file = folder / "lora.safetensors"
+    if not lora_file.is_file():
+        raise DigitsError(f"{folder}: {lora_file.name} not found")
+    merged = lora.apply(teacher, [(lora.load(lora_file, teacher), 1.0)])
+
+    def sample(labels, seed):
+        from turbojax.digits import model
+        return model.generate(merged, labels, seed=seed, sigmas=sigmas, guidance=g)
+    return sample, len(sigmas) - 1, settings.get("train_s_per_step")
 
 
 def run(args, fail) -> int:
@@ -97,16 +125,14 @@ def run(args, fail) -> int:
         what, adapter_name = f"the teacher ({steps} steps, CFG {guidance})", "teacher"
     else:
         try:
-            lora_file, settings, name = student_files(args.method, args.student)
-            adapter = lora.load(lora_file, teacher)
+            folder, name = student_folder(args.method, args.student)
+            sample, steps, _ = load_student(teacher, folder, args.guidance)
         except (DigitsError, lora.LoraFormatError) as e:
             fail(str(e))
-        if args.steps is not None and args.steps != len(settings["sigmas"]) - 1:
-            fail(f"--steps {args.steps}: the student {name} was distilled for {len(settings['sigmas']) - 1} steps")
-        guidance = settings["guidance"] if args.guidance is None else args.guidance
-        images = model.generate(teacher, labels, seed=args.seed, sigmas=settings["sigmas"], guidance=guidance,
-                                adapters=adapter)
-        what, adapter_name = f"student {name} ({len(settings['sigmas']) - 1} steps)", name
+        if args.steps is not None and args.steps != steps:
+            fail(f"--steps {args.steps}: the student {name} was distilled for {steps} steps")
+        images = sample(labels, args.seed)
+        what, adapter_name = f"student {name} ({steps} steps)", name
     metas = [dict(prompt=model.PROMPTS[c], seed=args.seed + i, label=int(c), model=adapter_name)
              for i, c in enumerate(labels)]
     if plan.kind == "PNG" and num > 1:  # rows = seeds, columns = the ten classes

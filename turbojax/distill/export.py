@@ -67,6 +67,15 @@ def export_student(workdir: Path, adapter: dict, base, method, cfg, *, step: int
     return out + [side]
 
 
+def add_json_fields(files, fields: dict) -> None:
+    """Add `fields` to JSON object files (rewritten atomically)."""
+    for f in files:
+        data = json.loads(Path(f).read_text())
+        if isinstance(data, dict):
+            data.update(fields)
+            commit_file(Path(f), lambda fh, d=data: fh.write((json.dumps(d, indent=2) + "\n").encode()))
+
+
 def write_png(path: Path, image: np.ndarray) -> Path:
     import io
 

@@ -40,9 +40,13 @@ class Method:
     digits_images: Callable | None = None
 
     def write_outputs(self, workdir, state, base, cfg, step: int, train_s_per_step: float | None = None) -> list:
-        if self.export is not None:
-            return self.export(workdir, state, base, cfg, step)
         from turbojax.distill import export as export_lib
+        if self.export is not None:
+            files = self.export(workdir, state, base, cfg, step)
+            if train_s_per_step is not None:  # custom exports: record it in their JSON side files
+                export_lib.add_json_fields([f for f in files if str(f).endswith(".json")],
+                                           {"train_s_per_step": round(float(train_s_per_step), 4)})
+            return files
         return export_lib.export_student(workdir, export_adapter(self, state), base, self, cfg, step=step,
                                          train_s_per_step=train_s_per_step)
 
