@@ -146,10 +146,16 @@ def jax_fns(kind, ours, apply, lora_rank):
         role = make_role(graphdef, state, adapter)
         factors = factors_of(adapter)
 
-        def loss_lora(f):
-            return mse(apply(role.model(state, f)))
-        fns["lora_fwd"], fns["lora_fwd_bwd"] = jax.jit(loss_lora), jax.jit(jax.value_and_grad(loss_lora))
-        args["lora_fwd"] = args["lora_fwd_bwd"] = factors
+        # The frozen base is an argument, not a closure: closed-over arrays would be baked into the program as
+        # constants (and constant-folded), which is not how a training step sees them.
+        def loss_lora(fb):
+            f, base = fb
+            return mse(apply(role.model(base, f)))
+
+        def grad_lora(fb):
+            return jax.value_and_grad(lambda f: loss_lora((f, fb[1])))(fb[0])
+        fns["lora_fwd"], fns["lora_fwd_bwd"] = jax.jit(loss_lora), jax.jit(grad_lora)
+        args["lora_fwd"] = args["lora_fwd_bwd"] = (factors, state)
     return fns, args
 
 

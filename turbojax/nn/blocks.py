@@ -39,15 +39,16 @@ def run_blocks(blocks, carry, consts, *, scan: bool, remat: str, taps: Sequence[
 
     if scan:
         graphdef, state = nnx.split(blocks)
-        # Half-precision weights are scanned as same-width integers and bitcast back inside the body (see
-        # `_half_as_bits`); the half-precision stack rides along only to receive the gradient.
+        # bf16 weights are scanned as same-width integers and bitcast back inside the body (see
+        # `_half_as_bits`); an fp32 shadow of each such stack rides along only to receive the gradient.
         bits = jax.tree.map(_half_as_bits, state)
+        shadow = jax.tree.map(_grad_shadow, state)
         body = make_body(graphdef)
 
         def scan_body(c, xs):
-            layer_state, layer_bits = xs
-            return body(c, jax.tree.map(_from_bits_or_same, layer_bits, layer_state, is_leaf=lambda x: x is None))
-        carry, ys = jax.lax.scan(scan_body, carry, (state, bits))
+            layer_shadow, layer_bits = xs
+            return body(c, jax.tree.map(_from_bits_or_same, layer_bits, layer_shadow, is_leaf=lambda x: x is None))
+        carry, ys = jax.lax.scan(scan_body, carry, (shadow, bits))
         return (carry, [ys[i] for i in taps]) if collect else carry
     outs = []
     for block in blocks:
@@ -58,11 +59,35 @@ def run_blocks(blocks, carry, consts, *, scan: bool, remat: str, taps: Sequence[
 
 
 def _half_as_bits(x):
-    """uint16 view of a bf16/fp16 leaf (None otherwise). XLA:CPU upcasts a half-precision dynamic slice (the
+    """uint16 view of a bf16 leaf (None otherwise). XLA:CPU upcasts a half-precision dynamic slice (the
     per-layer weight slice of the scan) to fp32 and hoists that convert of the whole weight stack out of the loop:
     every bf16 forward converted all block weights to fp32 and each layer's back to bf16 (~40% of the medium
     Qwen-Image bf16 forward). Integer slices are taken as they are."""
-    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else None
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else None
+
+
+def _grad_shadow(x):
+    """For a bf16 stack: an fp32 stand-in whose value is never read (XLA drops it) and whose gradient
+    is rounded to x's dtype once, after the loop. The backward scan then accumulates the per-layer weight
+    gradients in fp32: XLA:CPU has no bf16 dynamic-update-slice and would convert the whole bf16 gradient stack
+    to fp32 and back at every layer. Other leaves pass through."""
+    return _shadow(x) if x.dtype == jnp.bfloat16 else x
+
+
+@jax.custom_vjp
+def _shadow(x):
+    return x.astype(jnp.float32)
+
+
+def _shadow_fwd(x):
+    return x.astype(jnp.float32), jnp.zeros((0,), x.dtype)  # the residual only carries x's dtype
+
+
+def _shadow_bwd(res, ct):
+    return (ct.astype(res.dtype),)
+
+
+_shadow.defvjp(_shadow_fwd, _shadow_bwd)
 
 
 def _from_bits_or_same(bits, like):
@@ -71,9 +96,9 @@ def _from_bits_or_same(bits, like):
 
 @jax.custom_vjp
 def _straight_through(bits, like):
-    """The value `bits` stands for (`like`'s dtype); its gradient goes to `like`, whose value is never read (XLA
-    drops its slice), so the weights' gradients are as if `like` had been used directly."""
-    return jax.lax.bitcast_convert_type(bits, like.dtype)
+    """bf16 value of `bits` (a uint16 view); its gradient goes, in fp32, to `like` (the fp32 shadow of the same
+    layer's weight), whose value is never read, so the weights get exactly the gradients of a plain scan."""
+    return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
 
 
 def _st_fwd(bits, like):
@@ -81,7 +106,7 @@ def _st_fwd(bits, like):
 
 
 def _st_bwd(_, ct):
-    return np.zeros(ct.shape, jax.dtypes.float0), ct
+    return np.zeros(ct.shape, jax.dtypes.float0), ct.astype(jnp.float32)
 
 
 _straight_through.defvjp(_st_fwd, _st_bwd)
