@@ -39,15 +39,18 @@ def fail(msg: str):
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=4000)
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=2400)
+    p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--time", choices=("shift3", "mix"), default="shift3",
+                   help="sigma sampling: shift3(u), u ~ U(0, 1); or mix: half shift3(u), half uniform sigma")
     p.add_argument("--cfg-drop", type=float, default=0.1, help="fraction of labels replaced by the empty prompt")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default=None, help="start from this teacher export instead of a random init")
     p.add_argument("--out", default=str(dmodel.ASSETS / "teacher"), help="export folder of the EMA teacher")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--workdir", default=None, help="metrics.jsonl and intermediate EMA exports")
@@ -62,6 +65,8 @@ def parse(argv=None):
         fail(f"--cfg-drop must lie in [0, 1), got {a.cfg_drop}")
     if not 0 <= a.ema < 1:
         fail(f"--ema must lie in [0, 1), got {a.ema}")
+    if a.init is not None and not (Path(a.init) / "turbojax.json").is_file():
+        fail(f"--init {a.init} is not a turbojax export (no turbojax.json)")
     out = Path(a.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not a.overwrite:
         fail(f"--out {out} already exists; pass --overwrite to replace it")
@@ -72,10 +77,12 @@ def shift_sigma(u, shift=dmodel.SHIFT):
     return shift * u / (1 + (shift - 1) * u)
 
 
-def make_step(graphdef, tx, ema_decay: float, emb_table, mask_table):
+def make_step(graphdef, tx, ema_decay: float, emb_table, mask_table, time_dist: str):
     def loss_fn(params, x0, labels, eps, u):
         model = nnx.merge(graphdef, params)
         s = shift_sigma(u)
+        if time_dist == "mix":  # every other sample at a uniform sigma: more training at low noise (fine strokes)
+            s = jnp.where(jnp.arange(u.shape[0]) % 2 == 0, s, u)
         xt = (1 - s)[:, None, None] * x0 + s[:, None, None] * eps
         v = model.forward(xt, emb_table[labels], mask_table[labels], s, data.IMG_SHAPES)
         return jnp.mean((v - (eps - x0)) ** 2)
@@ -102,10 +109,12 @@ def main(argv=None):
         dmodel.make_text_assets(overwrite=True)
     emb, mask = (jnp.asarray(t) for t in dmodel.prompt_table())
     images, labels = data.load_digits("train")
-    x_all = jnp.asarray(data.images_to_tokens(images))  # [4000, 16, 64]
+    x_all = jnp.asarray(data.images_to_tokens(images))  # [4000, 64, 16]
     y_all = jnp.asarray(labels)
 
-    teacher = dmodel.new_teacher(a.seed)
+    teacher = dmodel.new_teacher(a.seed) if a.init is None else dmodel.load_teacher(a.init, scan_layers=True)
+    if teacher.config != dmodel.TEACHER_CONFIG:
+        fail(f"--init {a.init} holds {teacher.config}, not the demo's teacher config")
     graphdef, params = nnx.split(teacher, nnx.Param)
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
     warmup = min(a.warmup, a.steps // 2)
@@ -114,7 +123,7 @@ def main(argv=None):
                      optax.adamw(sched, b1=0.9, b2=0.99, weight_decay=a.weight_decay))
     opt_state = tx.init(params)
     ema = jax.tree.map(jnp.copy, params)
-    step = make_step(graphdef, tx, a.ema, emb, mask)
+    step = make_step(graphdef, tx, a.ema, emb, mask, a.time)
 
     workdir = Path(a.workdir) if a.workdir else None
     if workdir:
