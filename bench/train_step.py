@@ -114,48 +114,48 @@ def timed_group(fns: dict, iters: int, warmup: int) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 def jax_apply(kind, inputs, jdt):
-    """`apply(model) -> output array` on inputs rounded to the compute dtype exactly like forward.py does."""
+    """(`apply(model, data) -> output array`, data): the inputs rounded to the compute dtype exactly like forward.py
+    does. They are passed as arguments: closed-over arrays would be compile-time constants that XLA folds."""
     tdt = DTYPES["fp32" if jdt == jnp.float32 else "bf16"][1]
     if kind == "z_image":
-        xs = tuple(jnp.asarray(torch.tensor(v).to(tdt).float().numpy()).astype(jdt) for v in inputs["x"])
-        cs = tuple(jnp.asarray(torch.tensor(v).to(tdt).float().numpy()).astype(jdt) for v in inputs["cap_feats"])
-        t = jnp.asarray(inputs["t"])
-        return lambda m: jnp.stack(m.forward(xs, t, cs))
-    arr = {k: jnp.asarray(torch.tensor(v).to(tdt).float().numpy()).astype(jdt)
-           for k, v in inputs.items() if isinstance(v, np.ndarray) and k != "timestep"}
-    ts, shapes = jnp.asarray(inputs["timestep"]), tuple(tuple(s) for s in inputs["img_shapes"][0])
-    return lambda m: m.forward(arr["hidden_states"], arr["encoder_hidden_states"], arr["encoder_hidden_states_mask"],
-                               ts, shapes)
+        data = {"x": tuple(jnp.asarray(torch.tensor(v).to(tdt).float().numpy()).astype(jdt) for v in inputs["x"]),
+                "cap": tuple(jnp.asarray(torch.tensor(v).to(tdt).float().numpy()).astype(jdt)
+                             for v in inputs["cap_feats"]),
+                "t": jnp.asarray(inputs["t"])}
+        return (lambda m, d: jnp.stack(m.forward(d["x"], d["t"], d["cap"]))), data
+    data = {k: jnp.asarray(torch.tensor(v).to(tdt).float().numpy()).astype(jdt)
+            for k, v in inputs.items() if isinstance(v, np.ndarray) and k != "timestep"}
+    data["timestep"] = jnp.asarray(inputs["timestep"])
+    shapes = tuple(tuple(s) for s in inputs["img_shapes"][0])
+    return (lambda m, d: m.forward(d["hidden_states"], d["encoder_hidden_states"], d["encoder_hidden_states_mask"],
+                                   d["timestep"], shapes)), data
 
 
 def mse(out):
     return jnp.mean(jnp.square(out.astype(jnp.float32)))
 
 
-def jax_fns(kind, ours, apply, lora_rank):
+def jax_fns(kind, ours, apply_data, lora_rank):
+    """Jitted turbojax measurements and their single (tuple) argument; the `*_bwd` ones return (loss, grads)."""
+    apply, data = apply_data
     graphdef, state = nnx.split(ours)
 
-    def loss_full(st):
-        return mse(apply(nnx.merge(graphdef, st)))
-    fns = {"fwd": jax.jit(loss_full), "fwd_bwd": jax.jit(jax.value_and_grad(loss_full))}
-    args = {"fwd": state, "fwd_bwd": state}
+    def loss_full(st, d):
+        return mse(apply(nnx.merge(graphdef, st), d))
+    fns = {"fwd": jax.jit(lambda a: loss_full(*a)), "fwd_bwd": jax.jit(lambda a: jax.value_and_grad(loss_full)(*a))}
+    args = {"fwd": (state, data), "fwd_bwd": (state, data)}
     if lora_rank:
         adapter = init_adapter(ours, LORA_TARGETS[kind][0], lora_rank, float(lora_rank), rng=jax.random.key(1))
         # b = 0 would make the LoRA branch a no-op that XLA could simplify away; a small b keeps it honest.
         adapter = {p: {**e, "b": e["b"] + 0.01} for p, e in adapter.items()}
         role = make_role(graphdef, state, adapter)
-        factors = factors_of(adapter)
 
-        # The frozen base is an argument, not a closure: closed-over arrays would be baked into the program as
-        # constants (and constant-folded), which is not how a training step sees them.
-        def loss_lora(fb):
-            f, base = fb
-            return mse(apply(role.model(base, f)))
-
-        def grad_lora(fb):
-            return jax.value_and_grad(lambda f: loss_lora((f, fb[1])))(fb[0])
-        fns["lora_fwd"], fns["lora_fwd_bwd"] = jax.jit(loss_lora), jax.jit(grad_lora)
-        args["lora_fwd"] = args["lora_fwd_bwd"] = (factors, state)
+        # The frozen base is an argument too (not a constant), as in a training step.
+        def loss_lora(f, base, d):
+            return mse(apply(role.model(base, f), d))
+        fns["lora_fwd"] = jax.jit(lambda a: loss_lora(*a))
+        fns["lora_fwd_bwd"] = jax.jit(lambda a: jax.value_and_grad(loss_lora)(*a))
+        args["lora_fwd"] = args["lora_fwd_bwd"] = (factors_of(adapter), state, data)
     return fns, args
 
 
@@ -314,8 +314,7 @@ def run_case(a, kind, name, tm, sd, fam, cfg, inputs, fl):
     tm.to(tdt)
     ours = fwdbench.load_ours(fam, cfg, sd, jdt, a)
     ours.remat = a.remat
-    apply = jax_apply(kind, inputs, jdt)
-    jfns, jargs = jax_fns(kind, ours, apply, a.lora_rank)
+    jfns, jargs = jax_fns(kind, ours, jax_apply(kind, inputs, jdt), a.lora_rank)
     res = {"compile_s": {}}
     for k, fn in jfns.items():
         t0 = time.perf_counter()

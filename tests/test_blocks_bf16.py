@@ -44,3 +44,17 @@ def test_bf16_forward_makes_no_fp32_copy_of_the_weight_stack():
     hlo = jax.jit(loss).lower(state).compile().as_text()
     f32 = {tuple(int(n) for n in m.split(",")) for m in re.findall(r"f32\[([\d,]+)\]", hlo)}
     assert stacked and not stacked & f32, stacked & f32
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_activation_backward_matches_autodiff(dtype):
+    """gelu_tanh / silu keep only their input for the backward; values and gradients are jax.nn's."""
+    from turbojax.nn.layers import gelu_tanh, silu
+    x = jnp.asarray(np.linspace(-6, 6, 1001), dtype)
+    w = jnp.asarray(np.random.default_rng(0).standard_normal(1001), dtype)
+    for ours, ref in ((gelu_tanh, lambda x: jax.nn.gelu(x, approximate=True)), (silu, jax.nn.silu)):
+        np.testing.assert_array_equal(np.asarray(ours(x), np.float32), np.asarray(ref(x), np.float32))
+        g1 = jax.grad(lambda x: jnp.sum((ours(x) * w).astype(jnp.float32)))(x)
+        g2 = jax.grad(lambda x: jnp.sum((ref(x.astype(jnp.float32)) * w.astype(jnp.float32))))(x)
+        tol = 1e-5 if dtype == jnp.float32 else 2e-2  # round-off of a different formula
+        np.testing.assert_allclose(np.asarray(g1, np.float32), np.asarray(g2, np.float32), atol=tol, rtol=tol)
