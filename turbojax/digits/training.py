@@ -16,7 +16,7 @@ from turbojax.digits import data, model
 
 
 def teacher_pool(teacher, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """`per_class` teacher samples of each class: (packed latents [10 * per_class, 16, 64], labels)."""
+    """`per_class` teacher samples of each class: (packed latents [10 * per_class, 64, 16], labels)."""
     labels = np.repeat(np.arange(data.NUM_CLASSES), per_class)
     return model.generate_tokens(teacher, labels, seed=seed), labels
 
