@@ -21,7 +21,7 @@ from turbojax.digits.model import ASSETS
 STUDENTS = ASSETS / "students"
 # the shipped students, best first (by bench/distill_quality.py's Frechet distance); the first one present is the
 # default of `python sample.py`
-PREFERENCE = ("dmd2_gan", "dmd2", "pcm_dmd2_gan", "pcm", "turbopp", "arcflow")
+PREFERENCE = ("dmd2", "dmd2_gan", "pcm_dmd2_gan", "pcm", "turbopp", "arcflow")
 PIPELINE_ONLY = ("config", "prompt", "prompts_file", "negative_prompt", "sigmas", "width", "height", "lora",
                  "noise", "tiled_decode")
 
