@@ -11,7 +11,9 @@ same shapes and LoRA roles:
 
 and prints the ratio of each turn to the sum of its passes (target <= 1.15: the engine adds little beyond the model
 work), the compile time of each turn with scan on, and the peak host memory of a step against the frozen base's size
-(target: one copy of the base). The student's sigma list is one step here (k = 0: no backward-simulation pass), so
+(target: one copy of the base), read from XLA's buffer assignment of each compiled step (arguments, temporaries,
+outputs: no buffer of the step holds a second copy of the base when temporaries stay well below the base's size
+plus the activations). The student's sigma list is one step here (k = 0: no backward-simulation pass), so
 the pass list is exact; a 2-step student adds on average half a student forward to each turn.
 
 Run:  python bench/distill_step.py [--layers 4] [--tokens 1024] [--iters 5] [--json out.json]
@@ -103,6 +105,9 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         compiled = step.lower(state, frozen, batch, key).compile()
         compile_s = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        mem = {k: int(getattr(mem, k, 0) or 0) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                                         "alias_size_in_bytes", "temp_size_in_bytes")}
         holder = {"s": state}
 
         def run(compiled=compiled):
@@ -110,7 +115,7 @@ def main(argv=None) -> int:
             return met
         best, med = timed(run, a.iters)
         state = holder["s"]
-        res["turns"][turn.name] = {"compile_s": compile_s, "best_s": best, "median_s": med}
+        res["turns"][turn.name] = {"compile_s": compile_s, "best_s": best, "median_s": med, "memory": mem}
 
     # ---- the passes alone ----
     nets, grid = m.nets, m.nets.denoiser.grid
@@ -160,6 +165,12 @@ def main(argv=None) -> int:
         print(f"| {name} | {r['compile_s']:.1f} s | {r['best_s'] * 1e3:.0f} ms | {r['sum_of_passes_s'] * 1e3:.0f} ms "
               f"| {r['ratio']:.2f} |")
     print("passes alone (ms): " + ", ".join(f"{k} {v * 1e3:.0f}" for k, v in t_pass.items()))
+    for name, r in res["turns"].items():
+        m = r["memory"]
+        print(f"{name}: XLA buffers per step: arguments {m['argument_size_in_bytes'] / 2 ** 30:.3f} GiB (the base is "
+              f"{base_gib:.3f} GiB of it), temporaries {m['temp_size_in_bytes'] / 2 ** 30:.3f} GiB "
+              f"= {m['temp_size_in_bytes'] / 2 ** 30 / base_gib:.2f}x the base, outputs "
+              f"{m['output_size_in_bytes'] / 2 ** 30:.3f} GiB")
     print(f"frozen base {base_gib:.3f} GiB; peak host RSS {res['peak_rss_gib']:.2f} GiB "
           f"({res['peak_rss_over_start_gib']:.2f} GiB over the RSS after building the base)")
     if a.json:
