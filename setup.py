@@ -5,6 +5,8 @@ setup(
     version="0.1.0",
     description="Few-step (2-step) distillation of text-to-image diffusion transformers in JAX/Flax",
     packages=find_packages(include=["turbojax", "turbojax.*"]),
+    # the embedded demo's teacher, text encoder, tokenizer, classifier and shipped students
+    package_data={"turbojax.digits": ["assets/*", "assets/**/*"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10,<0.13",
