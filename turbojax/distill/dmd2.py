@@ -80,6 +80,24 @@ def real_score_velocity(nets: Nets, frozen, x_t, sigma, batch, s: DMD2Settings, 
     return L.true_cfg(v_c, v_u, s.real_cfg, s.cfg_rescale), feats
 
 
+def backbone_features(nets: Nets, backbone, x_fake, x_real, sigma, cond, *, frozen: bool = True):
+    """One pass of `backbone` (teacher or fake score) over noised fakes and reals together: (features of the
+    fakes, features of the reals) at `nets.taps`; `frozen` holds them constant (teacher features)."""
+    b = x_fake.shape[0]
+    _, feats = nets.velocity(backbone, jnp.concatenate([x_fake, x_real]), jnp.concatenate([sigma, sigma]),
+                             _concat(cond, cond), nets.taps)
+    if frozen:
+        feats = jax.lax.stop_gradient(feats)
+    return [f[:b] for f in feats], [f[b:] for f in feats]
+
+
+def gan_generator_term(nets: Nets, disc_params, feats):
+    """The generator's non-saturating GAN loss on the features of its (noised) samples, and its metrics."""
+    logits = nets.discriminator(disc_params)(feats, nets.denoiser.grid)
+    l_gan = L.gan_generator_loss(logits)
+    return l_gan, {"gan_g": l_gan, "d_fake_g": jnp.mean(logits)}
+
+
 def student_sample(nets: Nets, role: str, frozen, factors, batch, key, s: DMD2Settings, *, k=None):
     """Backward simulation to a random (or given) step k, then the student's x0 at step k (with gradient w.r.t.
     `factors` unless they are stop-gradient'ed by the caller). Returns (x0, k)."""
@@ -115,10 +133,9 @@ def generator_loss(nets: Nets, s: DMD2Settings):
         loss = s.dm_weight * l_dm
         metrics = {"dm": l_dm, "dm_grad": g_abs, "k": k.astype(F32)}
         if s.gan:
-            logits = nets.discriminator(others["disc"])(feats, nets.denoiser.grid)
-            l_gan = L.gan_generator_loss(logits)
+            l_gan, m = gan_generator_term(nets, others["disc"], feats)
             loss = loss + s.gan_weight * l_gan
-            metrics |= {"gan_g": l_gan, "d_fake_g": jnp.mean(logits)}
+            metrics |= m
         return loss, metrics
     return loss_fn
 
@@ -141,12 +158,8 @@ def critic_loss(nets: Nets, s: DMD2Settings):
             x_fake = L.add_noise(x0, jax.random.normal(k_ef, x0.shape, F32), td)
             x_real = L.add_noise(batch["real"], jax.random.normal(k_er, x0.shape, F32), td)
             backbone = nets.teacher(frozen) if s.gan_features == "teacher" else fake_model
-            _, feats = nets.velocity(backbone, jnp.concatenate([x_fake, x_real]), jnp.concatenate([td, td]),
-                                     _concat(cond, cond), nets.taps)
-            if s.gan_features == "teacher":
-                feats = jax.lax.stop_gradient(feats)
-            f_fake = [f[:b] for f in feats]
-            f_real = [f[b:] for f in feats]
+            f_fake, f_real = backbone_features(nets, backbone, x_fake, x_real, td, cond,
+                                               frozen=s.gan_features == "teacher")
             disc = nets.discriminator(trainable["disc"])
             logits_fake = disc(f_fake, nets.denoiser.grid)
 

@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 
 from turbojax.distill import losses as L
-from turbojax.distill.dmd2 import _concat, _cond, real_score_velocity
+from turbojax.distill.dmd2 import _cond, backbone_features, real_score_velocity
 from turbojax.distill.nets import Nets
 
 F32 = jnp.float32
@@ -144,13 +144,10 @@ def disc_loss(nets: Nets, s: PCMSettings):
         pred, target, aux = consistency_pair(nets, frozen, others["student"], batch, k_pair, s)
         y_fake, y_real, s_adv = _adv_inputs(jax.lax.stop_gradient(pred), target, aux, k_adv, s)
         cond = _cond(batch)
-        b = pred.shape[0]
-        _, feats = nets.velocity(nets.teacher(frozen), jnp.concatenate([y_fake, y_real]),
-                                 jnp.concatenate([s_adv, s_adv]), _concat(cond, cond), nets.taps)
-        feats = jax.lax.stop_gradient(feats)
+        f_fake, f_real = backbone_features(nets, nets.teacher(frozen), y_fake, y_real, s_adv, cond)
         disc = nets.discriminator(trainable["disc"])
-        logits_fake = disc([f[:b] for f in feats], nets.denoiser.grid)
-        logits_real = disc([f[b:] for f in feats], nets.denoiser.grid)
+        logits_fake = disc(f_fake, nets.denoiser.grid)
+        logits_real = disc(f_real, nets.denoiser.grid)
         l_d = L.gan_hinge_discriminator_loss(logits_real, logits_fake)
         return s.gan_d_weight * l_d, {"adv_d": l_d, "d_real": jnp.mean(logits_real),
                                       "d_fake": jnp.mean(logits_fake)}

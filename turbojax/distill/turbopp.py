@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 
 from turbojax.distill import losses as L
-from turbojax.distill.dmd2 import _concat, _cond, real_score_velocity
+from turbojax.distill.dmd2 import _cond, backbone_features, gan_generator_term, real_score_velocity
 from turbojax.distill.nets import Nets
 from turbojax.distill.pcm import check_sigmas, sigma_grid
 
@@ -162,10 +162,9 @@ def generator_loss(nets: Nets, s: TurboPPSettings):
             else:
                 _, feats = nets.velocity(nets.teacher(frozen), x_t, t, cond, taps)
             if s.gan:
-                logits = nets.discriminator(others["disc"])(feats, nets.denoiser.grid)
-                l_gan = L.gan_generator_loss(logits)
+                l_gan, m = gan_generator_term(nets, others["disc"], feats)
                 loss = loss + s.gan_weight * l_gan
-                metrics |= {"gan_g": l_gan, "d_fake_g": jnp.mean(logits)}
+                metrics |= m
         return loss, metrics
     return loss_fn
 
@@ -195,12 +194,10 @@ def critic_loss(nets: Nets, s: TurboPPSettings):
             td = L.sample_sigma(k_td, b, *s.gan_time, s.gan_shift)
             x_fake = L.add_noise(x0, jax.random.normal(k_ef, x0.shape, F32), td)
             x_real = L.add_noise(batch["real"], jax.random.normal(k_er, x0.shape, F32), td)
-            _, feats = nets.velocity(nets.teacher(frozen), jnp.concatenate([x_fake, x_real]),
-                                     jnp.concatenate([td, td]), _concat(cond, cond), nets.taps)
-            feats = jax.lax.stop_gradient(feats)
+            f_fake, f_real = backbone_features(nets, nets.teacher(frozen), x_fake, x_real, td, cond)
             disc = nets.discriminator(trainable["disc"])
-            logits_fake = disc([f[:b] for f in feats], nets.denoiser.grid)
-            logits_real = disc([f[b:] for f in feats], nets.denoiser.grid)
+            logits_fake = disc(f_fake, nets.denoiser.grid)
+            logits_real = disc(f_real, nets.denoiser.grid)
             l_d = L.gan_discriminator_loss(logits_real, logits_fake)
             loss = loss + s.gan_d_weight * l_d
             metrics |= {"gan_d": l_d, "d_real": jnp.mean(logits_real), "d_fake": jnp.mean(logits_fake)}
