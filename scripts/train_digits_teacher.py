@@ -1,7 +1,7 @@
 """Train the digits demo's teacher (a tiny class-conditional Qwen-Image) by flow matching, and export it.
 
     python scripts/train_digits_teacher.py                      # writes turbojax/digits/assets/teacher/
-    python scripts/train_digits_teacher.py --steps 200 --out /tmp/t --workdir /tmp/w   # a quick try
+    python scripts/train_digits_teacher.py --steps 200 --out runs/t --workdir runs/w   # a quick try
 
 Recipe (rectified flow, the Qwen-Image convention): `x_s = (1 - s) x0 + s eps`, the model predicts `v = eps - x0`
 with an MSE loss. `s = shift3(u)`, u ~ U(0, 1): the sigma density of the shift-3 sampling schedule the teacher and
