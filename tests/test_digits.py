@@ -119,10 +119,11 @@ def test_teacher_draws_the_asked_digits(teacher):
     assert (logits.argmax(1) == labels).mean() > 0.8  # chance: 0.1
 
 
-def test_save_export_round_trip(tmp_path, teacher):
+def test_save_export_round_trip(tmp_path, teacher, monkeypatch):
     from turbojax.convert.params import flat_params
-    out = dmodel.save_export(teacher, tmp_path / "t")
-    again = dmodel.load_teacher(out)
+    monkeypatch.chdir(tmp_path)  # relative paths both ways (Orbax itself wants absolute ones)
+    out = dmodel.save_export(teacher, "t")
+    again = dmodel.load_teacher("t")
     a, b = flat_params(teacher), flat_params(again)
     assert a.keys() == b.keys() and all(np.array_equal(a[k][...], b[k][...]) for k in a)
     with pytest.raises(FileExistsError):

@@ -72,7 +72,7 @@ def write_params(directory: Path, leaves: Mapping[tuple[str, ...], tuple[tuple[i
     """Write `params/part-*` and `turbojax.json` into `directory` (expected empty; callers make it atomic)."""
     import orbax.checkpoint as ocp
 
-    directory = Path(directory)
+    directory = Path(directory).absolute()  # Orbax refuses relative paths
     parts = plan_parts(leaves, max_part_bytes)
     index = []
     with ocp.StandardCheckpointer() as ckpt:
@@ -123,7 +123,7 @@ def iter_parts(directory: Path, meta: dict, targets: Mapping[tuple[str, ...], ob
     sharding applied on restore); without targets, host numpy arrays in the stored dtype are returned."""
     import orbax.checkpoint as ocp
 
-    directory = Path(directory)
+    directory = Path(directory).absolute()  # Orbax refuses relative paths
     with ocp.StandardCheckpointer() as ckpt:
         for part in meta["parts"]:
             paths = [tuple(p.split(".")) for p in part["leaves"]]
