@@ -15,6 +15,7 @@ from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import save_file as torch_save_file
 
 from turbojax.convert import safetensors_io as sio
+from turbojax.convert import safetensors_write as swrite
 from turbojax.convert.safetensors_io import (SafetensorsError, atomic_output_dir, format_index_json, open_safetensors,
                                              safetensors_header, write_index_json, write_safetensors, write_sharded)
 
@@ -111,7 +112,7 @@ def test_matches_torch_save_file_and_reads_torch_values(tmp_path):
 
 
 def test_file_order_lazy_producers_and_conversions(tmp_path, monkeypatch):
-    monkeypatch.setattr(sio, "_CHUNK_BYTES", 16)  # force the slab-by-slab path for the non-contiguous inputs
+    monkeypatch.setattr(swrite, "_CHUNK_BYTES", 16)  # force the slab-by-slab path for the non-contiguous inputs
     base = np.arange(60, dtype=np.float32).reshape(6, 10)
     calls = []
 
@@ -399,9 +400,9 @@ def test_atomic_output_dir(tmp_path):
 def test_progress_bar_smoke(tmp_path, monkeypatch):
     monkeypatch.setenv("TURBOJAX_PROGRESS", "1")
     write_safetensors(tmp_path / "p.safetensors", {"a": np.ones(4)}, progress=True)
-    assert sio._progress_enabled(True)
+    assert swrite._progress_enabled(True)
     monkeypatch.setenv("TURBOJAX_NO_PROGRESS", "1")
-    assert not sio._progress_enabled(True)
+    assert not swrite._progress_enabled(True)
 
 
 # ----------------------------------------------------------------------------------------- memory

@@ -4,19 +4,8 @@ Real checkpoints are larger than host memory, so the reader parses the header it
 one positioned read (or a memory map), and the writer computes the header from declared shapes/dtypes up front and
 then asks a producer for each tensor in file order, dropping it before asking for the next.
 
-Format facts this module relies on (checked against `safetensors` 0.8 and diffusers' `save_pretrained`):
-
-* file = u64 little-endian header length N, N bytes of UTF-8 JSON padded with spaces to a multiple of 8, then the
-  data region; `data_offsets` are relative to the first data byte and must tile it exactly (zero-size tensors sit
-  at the same offset as their neighbour).
-* the reference writer orders tensors by dtype rank, descending (U64, I64, F64, C64, F32, U32, I32, BF16, F16, ...,
-  I8, U8, BOOL -- the reverse of its Rust `Dtype` enum), then by name; the JSON is compact (no spaces), non-ASCII
-  is written raw, `__metadata__` comes first and is omitted when metadata is None.
-* it writes metadata keys in hash-map order, which changes from run to run when there is more than one key; we
-  keep the caller's (insertion) order, and the reader keeps the file's order, so re-writing a file read from disk
-  reproduces it exactly.
-* diffusers writes the shard index as `json.dumps(index, indent=2, sort_keys=True) + "\\n"` (ASCII-escaped) with
-  `{"metadata": {"total_size": <sum of tensor bytes>}, "weight_map": {key: file}}`.
+The format itself (dtypes, header entries, errors) is `safetensors_format`; the writer is `safetensors_write`,
+re-exported here so that callers import one module.
 """
 from __future__ import annotations
 
@@ -24,114 +13,22 @@ import json
 import math
 import os
 import struct
-import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Sequence
 
-import ml_dtypes
 import numpy as np
 
-from turbojax.convert.atomic import atomic_output_dir, commit_file as _commit
+from turbojax.convert.atomic import atomic_output_dir
+from turbojax.convert.safetensors_format import (DEFAULT_INDEX_NAME, MAX_HEADER_BYTES, SafetensorsError,
+                                                 _Entry, _READ_CHUNK, _index_filename, _no_duplicates, _parse_entry)
+from turbojax.convert.safetensors_write import (format_index_json, safetensors_header, write_index_json,  # noqa: F401
+                                                write_safetensors, write_sharded)
 
 __all__ = [
     "CANONICAL_WEIGHTS", "DEFAULT_INDEX_NAME", "SafetensorsError", "SafetensorsFile", "SafetensorsFolder",
-    "atomic_output_dir", "choose_weights", "format_index_json", "open_safetensors", "safetensors_header", "write_index_json", "write_safetensors",
-    "write_sharded",
+    "atomic_output_dir", "choose_weights", "format_index_json", "open_safetensors", "safetensors_header",
+    "write_index_json", "write_safetensors", "write_sharded",
 ]
-
-DEFAULT_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-# The reference reader refuses headers above 100 MB; the cap also stops a corrupt length from making us read GBs.
-MAX_HEADER_BYTES = 100_000_000
-_CHUNK_BYTES = 64 << 20  # copy granularity for arrays that must be made contiguous / little-endian
-_READ_CHUNK = 1 << 30  # a single read(2) returns at most ~2 GiB on Linux, so large tensors are read in pieces
-
-
-class SafetensorsError(ValueError):
-    """A malformed or inconsistent safetensors file, shard index or write request."""
-
-
-def _ml(name):
-    t = getattr(ml_dtypes, name, None)  # the rarer float8 types only exist in recent ml_dtypes
-    return None if t is None else np.dtype(t)
-
-
-# Ascending rank = the reference implementation's `Dtype` enum order; its writer sorts by rank descending. Sub-byte
-# types (F4, F6_*) are packed and have no numpy equivalent, so they are not supported.
-_DTYPE_TABLE = [
-    ("BOOL", np.dtype(np.bool_)), ("U8", np.dtype("u1")), ("I8", np.dtype("i1")),
-    ("F8_E5M2", _ml("float8_e5m2")), ("F8_E4M3", _ml("float8_e4m3fn")), ("F8_E8M0", _ml("float8_e8m0fnu")),
-    ("F8_E4M3FNUZ", _ml("float8_e4m3fnuz")), ("F8_E5M2FNUZ", _ml("float8_e5m2fnuz")),
-    ("I16", np.dtype("<i2")), ("U16", np.dtype("<u2")), ("F16", np.dtype("<f2")), ("BF16", _ml("bfloat16")),
-    ("I32", np.dtype("<i4")), ("U32", np.dtype("<u4")), ("F32", np.dtype("<f4")), ("C64", np.dtype("<c8")),
-    ("F64", np.dtype("<f8")), ("I64", np.dtype("<i8")), ("U64", np.dtype("<u8")),
-]
-_RANK = {name: i for i, (name, _) in enumerate(_DTYPE_TABLE)}
-_NP_OF = {name: dt for name, dt in _DTYPE_TABLE if dt is not None}
-_NAME_OF = {dt: name for name, dt in _NP_OF.items()}
-
-
-def _dtype_name(dt) -> str | None:
-    """safetensors name of a numpy dtype (either byte order) or of a safetensors name string; None if unsupported."""
-    if isinstance(dt, str) and dt in _NP_OF:
-        return dt
-    try:
-        dt = np.dtype(dt)
-    except TypeError:
-        return None
-    return _NAME_OF.get(dt.newbyteorder("<") if dt.byteorder in "<>" else dt)
-
-
-@dataclass(frozen=True)
-class _Entry:
-    dtype_name: str
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    begin: int  # absolute file offsets
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.begin
-
-
-def _no_duplicates(path, what):
-    def hook(pairs):
-        out = {}
-        for k, v in pairs:
-            if k in out:
-                raise SafetensorsError(f"{path}: {what} has duplicate key {k!r}")
-            out[k] = v
-        return out
-    return hook
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _parse_entry(path, key, info, data_start) -> _Entry:
-    where = f"{path}: key {key!r}"
-    if not isinstance(info, dict):
-        raise SafetensorsError(f"{where}: header entry must be an object, got {type(info).__name__}")
-    for field in ("dtype", "shape", "data_offsets"):
-        if field not in info:
-            raise SafetensorsError(f"{where}: header entry has no {field!r}")
-    name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(name, str) or name not in _NP_OF:
-        hint = "" if name not in _RANK else " (needs a newer ml_dtypes)"
-        raise SafetensorsError(f"{where}: unsupported dtype {name!r}{hint}; supported: {sorted(_NP_OF)}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise SafetensorsError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)
-            and offsets[0] <= offsets[1]):
-        raise SafetensorsError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
-    dtype = _NP_OF[name]
-    expected = math.prod(shape) * dtype.itemsize
-    if offsets[1] - offsets[0] != expected:
-        raise SafetensorsError(f"{where}: data_offsets {offsets} span {offsets[1] - offsets[0]} bytes but "
-                               f"{name}{shape} needs {expected}")
-    return _Entry(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
 
 
 def _read_header(path: Path) -> tuple[int, dict[str, str] | None, dict[str, _Entry]]:
@@ -280,12 +177,6 @@ class SafetensorsFile(_Reader):
         return f"SafetensorsFile({str(self.path)!r}, {len(self._entries)} tensors)"
 
 
-def _index_filename(index_path, key, fname) -> str:
-    if not isinstance(fname, str) or not fname or fname in (".", "..") or "/" in fname or "\\" in fname:
-        raise SafetensorsError(f"{index_path}: weight_map[{key!r}] must be a file name in the same folder, "
-                               f"got {fname!r}")
-    return fname
-
 
 # What diffusers (`diffusion_pytorch_model`) and transformers (`model`) load from a folder: the index of that name
 # if present, else the single file. Other .safetensors beside them (a LoRA, an fp16 variant) are not the model.
@@ -409,203 +300,3 @@ def open_safetensors(path, weights_name: str | None = None) -> SafetensorsFile |
             return SafetensorsFolder(p.parent, index=p)
         return SafetensorsFile(p)
     raise FileNotFoundError(f"{p}: no such safetensors file or folder")
-
-
-@dataclass(frozen=True)
-class _Planned(_Entry):  # offsets here are relative to the data region
-    name: str = ""
-    producer: Callable[[], Any] | None = None
-
-
-def _as_specs(tensors) -> list[tuple]:
-    """Accept an iterable of (name, shape, dtype, producer) or a mapping name -> array / (shape, dtype, producer)."""
-    if isinstance(tensors, Mapping):
-        out = []
-        for name, v in tensors.items():
-            if isinstance(v, tuple) and len(v) == 3 and callable(v[2]):
-                out.append((name, *v))
-            else:
-                v = v if hasattr(v, "dtype") and hasattr(v, "shape") else np.asarray(v)
-                out.append((name, tuple(v.shape), v.dtype, (lambda v=v: v)))
-        return out
-    return list(tensors)
-
-
-def _check_metadata(path, metadata):
-    if metadata is None:
-        return None
-    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
-                                                    for k, v in metadata.items()):
-        raise SafetensorsError(f"{path}: metadata must map str to str, got {metadata!r}")
-    return dict(metadata)
-
-
-def _plan(path, tensors, metadata) -> tuple[bytes, list[_Planned]]:
-    metadata = _check_metadata(path, metadata)
-    specs, seen = [], set()
-    for spec in _as_specs(tensors):
-        if len(spec) != 4:
-            raise SafetensorsError(f"{path}: tensors must be (name, shape, dtype, producer), got {spec!r}")
-        name, shape, dtype, producer = spec
-        if not isinstance(name, str) or name == "__metadata__":
-            raise SafetensorsError(f"{path}: invalid tensor name {name!r}")
-        if name in seen:
-            raise SafetensorsError(f"{path}: key {name!r} is given twice")
-        seen.add(name)
-        st = _dtype_name(dtype)
-        if st is None:
-            raise SafetensorsError(f"{path}: key {name!r}: unsupported dtype {dtype!r}")
-        try:
-            shape = tuple(int(d) for d in shape)
-        except TypeError:
-            raise SafetensorsError(f"{path}: key {name!r}: shape must be a sequence of ints, got {shape!r}") from None
-        if any(d < 0 for d in shape):
-            raise SafetensorsError(f"{path}: key {name!r}: negative dimension in {shape}")
-        specs.append((name, st, shape, producer))
-    # The reference writer's order: dtype rank descending, then name (Python str order == UTF-8 byte order).
-    specs.sort(key=lambda s: (-_RANK[s[1]], s[0]))
-    # (With no tensors and metadata={} the reference writer emits broken JSON; we write `{"__metadata__":{}}`.)
-    header: dict[str, Any] = {} if metadata is None else {"__metadata__": metadata}
-    planned, pos = [], 0
-    for name, st, shape, producer in specs:
-        dt = _NP_OF[st]
-        end = pos + math.prod(shape) * dt.itemsize
-        header[name] = {"dtype": st, "shape": list(shape), "data_offsets": [pos, end]}
-        planned.append(_Planned(st, dt, shape, pos, end, name, producer))
-        pos = end
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text, planned
-
-
-def safetensors_header(tensors, metadata=None) -> bytes:
-    """The 8-byte length plus padded JSON header `write_safetensors` would write (producers are not called)."""
-    return _plan("<header>", tensors, metadata)[0]
-
-
-def _progress_enabled(enabled: bool) -> bool:
-    if not enabled or os.environ.get("TURBOJAX_NO_PROGRESS") == "1":
-        return False
-    force = os.environ.get("TURBOJAX_PROGRESS")
-    return force != "0" and (force == "1" or sys.stderr.isatty())
-
-
-def _write_tensor(f, path, t: _Planned, arr) -> None:
-    arr = np.asarray(arr)  # also brings jax arrays / numpy scalars to the host
-    if tuple(arr.shape) != t.shape:
-        raise SafetensorsError(f"{path}: key {t.name!r}: producer returned shape {tuple(arr.shape)}, declared "
-                               f"{t.shape}")
-    got = _dtype_name(arr.dtype)
-    if got != t.dtype_name:
-        hint = (" (np.save/np.load turn ml_dtypes arrays into raw void bytes: .view() them as the real dtype)"
-                if arr.dtype.kind == "V" else "")
-        raise SafetensorsError(f"{path}: key {t.name!r}: producer returned dtype {arr.dtype} "
-                               f"({got or 'unsupported'}), declared {t.dtype_name}{hint}")
-    nbytes = t.end - t.begin
-    if not nbytes:
-        return
-    if arr.flags.c_contiguous and arr.dtype == t.dtype:
-        # Zero-copy: a memmap or a fresh array goes straight to the file.
-        f.write(memoryview(arr.reshape(-1).view(np.uint8)))
-        return
-    # Non-contiguous or big-endian: convert a slab of rows at a time so the extra memory stays bounded.
-    a = arr.reshape(1) if arr.ndim == 0 else arr
-    row = max(1, a[:1].nbytes if a.shape[0] else 1)
-    step = max(1, _CHUNK_BYTES // row)
-    for i in range(0, a.shape[0], step):
-        chunk = np.ascontiguousarray(a[i: i + step], dtype=t.dtype)
-        f.write(memoryview(chunk.reshape(-1).view(np.uint8)))
-        del chunk
-
-
-def write_safetensors(path, tensors, metadata: Mapping[str, str] | None = None, *, progress: bool = False,
-                      desc: str | None = None) -> Path:
-    """Write a safetensors file atomically, calling each producer once, in file order, one tensor in memory.
-
-    `tensors`: iterable of `(name, shape, dtype, producer)` (dtype: numpy dtype or safetensors name such as "BF16";
-    `producer()` returns the array, e.g. a memmap) or a mapping name -> array. The bytes equal what
-    `safetensors.numpy.save_file` / `safetensors.torch.save_file` write for the same tensors and metadata
-    (metadata keys stay in the given order). A temp file in the same folder is renamed over `path` at the end;
-    on any error it is removed and `path` is untouched.
-    """
-    path = Path(path)
-    header, planned = _plan(path, tensors, metadata)
-    total = len(header) + (planned[-1].end if planned else 0)
-    bar = None
-    if _progress_enabled(progress):
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, desc=desc or path.name, unit="B", unit_scale=True, unit_divisor=1024, leave=False)
-
-    def write(f):
-        f.write(header)
-        for i, t in enumerate(planned):
-            arr = t.producer()
-            _write_tensor(f, path, t, arr)
-            del arr  # drop it before the next producer runs: peak memory stays at one tensor
-            if bar is not None:
-                bar.update(t.end - t.begin)
-                bar.set_postfix_str(f"{i + 1}/{len(planned)} tensors", refresh=False)
-        if f.tell() != total:  # cannot happen unless a check above is wrong; never leave a bad file behind
-            raise SafetensorsError(f"{path}: wrote {f.tell()} bytes, expected {total}")
-
-    try:
-        if bar is not None:
-            bar.update(len(header))
-        return _commit(path, write)
-    finally:
-        if bar is not None:
-            bar.close()
-
-
-def format_index_json(weight_map: Mapping[str, str], metadata: Mapping[str, Any]) -> str:
-    """The shard index text exactly as diffusers' `save_pretrained` writes it."""
-    return json.dumps({"metadata": dict(metadata), "weight_map": dict(weight_map)}, indent=2, sort_keys=True) + "\n"
-
-
-def write_index_json(path, index: str | bytes | Mapping[str, Any]) -> Path:
-    """Write a shard index atomically: str/bytes verbatim (no newline translation), a dict in diffusers' format."""
-    if isinstance(index, Mapping):
-        index = format_index_json(index["weight_map"], index.get("metadata", {}))
-    data = index.encode("utf-8") if isinstance(index, str) else bytes(index)
-    return _commit(Path(path), lambda f: f.write(data))
-
-
-def write_sharded(folder, layout: Mapping[str, Sequence[str]], tensors, *, metadata: Mapping[str, str] | None = None,
-                  file_metadata: Mapping[str, Mapping[str, str] | None] | None = None,
-                  index_name: str = DEFAULT_INDEX_NAME, index: str | bytes | Mapping | bool | None = None,
-                  index_metadata: Mapping[str, Any] | None = None, progress: bool = False) -> list[Path]:
-    """Write the files of `layout` ({file name: keys}) into the existing `folder`, plus the shard index.
-
-    `tensors`: mapping key -> `(shape, dtype, producer)` or array; every key must be placed in exactly one file.
-    Each file gets `file_metadata[name]` if given, else `metadata` (diffusers uses {"format": "pt"}).
-    Index: `index=None` writes one in diffusers' format when there is more than one file, with metadata
-    `{"total_size": sum of tensor bytes, **index_metadata}`; a str/bytes `index` is written verbatim (to reproduce
-    an original index exactly), a dict is formatted like diffusers, `False` writes none. Files are written one by
-    one (each atomically); wrap the call in `atomic_output_dir` for an all-or-nothing folder.
-    """
-    folder = Path(folder)
-    specs = {s[0]: s for s in _as_specs(tensors)}
-    placed: dict[str, str] = {}
-    for fname, keys in layout.items():
-        _index_filename(folder / index_name, "<layout>", fname)
-        for k in keys:
-            if k in placed:
-                raise SafetensorsError(f"{folder}: key {k!r} is placed in both {placed[k]!r} and {fname!r}")
-            if k not in specs:
-                raise SafetensorsError(f"{folder}: key {k!r} of {fname!r} has no tensor")
-            placed[k] = fname
-    unplaced = sorted(set(specs) - set(placed))
-    if unplaced:
-        raise SafetensorsError(f"{folder}: key {unplaced[0]!r} is in no file of the layout ({len(unplaced)} such)")
-    written = []
-    for i, (fname, keys) in enumerate(layout.items()):
-        meta = file_metadata[fname] if file_metadata is not None and fname in file_metadata else metadata
-        written.append(write_safetensors(folder / fname, [specs[k] for k in keys], meta, progress=progress,
-                                         desc=f"{fname} [{i + 1}/{len(layout)}]"))
-    if index is None and len(layout) > 1:
-        # dtypes were validated by write_safetensors above
-        total = sum(math.prod(int(d) for d in s[1]) * _NP_OF[_dtype_name(s[2])].itemsize for s in specs.values())
-        index = {"metadata": {"total_size": total, **(index_metadata or {})}, "weight_map": placed}
-    if index is not None and index is not False:
-        written.append(write_index_json(folder / index_name, index))
-    return written
