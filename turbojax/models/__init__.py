@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from turbojax.models.dinov2 import (Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig,  # noqa: F401
+                                    dino_preprocess)
 from turbojax.models.qwen_image import QwenImageConfig, QwenImageTransformer  # noqa: F401
 from turbojax.models.registry import (FAMILIES, ConfigError, config_from_dict, get_family,  # noqa: F401
                                       get_preset, read_component_config)

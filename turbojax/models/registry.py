@@ -22,7 +22,9 @@ from turbojax.models.qwen_llm_keys import stack_sizes as qwen_llm_stack_sizes
 from turbojax.models.z_image import Z_IMAGE_TINY, Z_IMAGE_TURBO, ZImageConfig, ZImageTransformer
 from turbojax.models.z_image_keys import Z_IMAGE_KEYS, original_to_diffusers
 from turbojax.models.z_image_keys import stack_sizes as z_image_stack_sizes
-from turbojax.models import vae_flux, vae_qwen_image
+from turbojax.models import dinov2, vae_flux, vae_qwen_image
+from turbojax.models.dinov2_keys import DINOV2_KEYS, dinov2_source_names
+from turbojax.models.dinov2_keys import stack_sizes as dinov2_stack_sizes
 from turbojax.models.vae_keys import AUTOENCODER_KL_KEYS, QWEN_IMAGE_VAE_KEYS
 
 
@@ -60,6 +62,18 @@ def _transformers_config(kind: str, config_cls: type) -> Callable:
             raise ConfigError(str(e)) from None
         except (TypeError, ValueError) as e:  # a value the checks above let through but the parser cannot use
             raise ConfigError(f"{source}: {e}") from None
+    return parse
+
+
+def _dinov2_config(config_cls: type) -> Callable:
+    def parse(raw: dict, source: str):
+        # image_size / patch_size may be [h, w] lists in transformers; dinov2 checks those itself
+        check_config_types(config_cls, {k: v for k, v in raw.items() if v is not None}, source,
+                           skip={"image_size", "patch_size"})
+        try:
+            return dinov2.config_from_transformers(raw, source, config_cls)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from None
     return parse
 
 
@@ -184,6 +198,31 @@ FAMILIES: dict[str, Family] = {
         keys=AUTOENCODER_KL_KEYS,
         stack_sizes=vae_flux.structure,
         presets={"flux_vae": vae_flux.FLUX_VAE, "flux_vae_tiny": vae_flux.FLUX_VAE_TINY},
+    ),
+    # DINOv2 feature extractors of the GAN discriminators (transformers checkpoints)
+    "dinov2": Family(
+        name="dinov2",
+        class_names=("Dinov2Model",),
+        config_cls=dinov2.Dinov2Config,
+        model_cls=dinov2.Dinov2Model,
+        keys=DINOV2_KEYS,
+        stack_sizes=dinov2_stack_sizes,
+        presets=dinov2.DINOV2_PRESETS,
+        weights_name="model.safetensors",
+        source_names=dinov2_source_names,
+        parse_config=_dinov2_config(dinov2.Dinov2Config),
+    ),
+    "dinov2_with_registers": Family(
+        name="dinov2_with_registers",
+        class_names=("Dinov2WithRegistersModel",),
+        config_cls=dinov2.Dinov2WithRegistersConfig,
+        model_cls=dinov2.Dinov2Model,
+        keys=DINOV2_KEYS,
+        stack_sizes=dinov2_stack_sizes,
+        presets=dinov2.DINOV2_REG_PRESETS,
+        weights_name="model.safetensors",
+        source_names=dinov2_source_names,
+        parse_config=_dinov2_config(dinov2.Dinov2WithRegistersConfig),
     ),
 }
 
