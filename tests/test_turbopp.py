@@ -225,3 +225,208 @@ def test_lora_step_samples_each_step_with_its_adapter(tmp_path):
     np.testing.assert_array_equal(same, images("a", "--lora", a))  # one LoRA on every step = merging it
     mixed = images("ab", "--lora-step", f"2:{b}", "--lora-step", f"1:{a}")
     assert not np.array_equal(mixed, same) and not np.array_equal(mixed, images("b", "--lora", b))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-step full copies of selected blocks (`turbopp.full_blocks`) on tiny Qwen-Image / Z-Image
+# --------------------------------------------------------------------------------------------------------------
+
+# per family: (tiny config, latent shape, a LoRA target, the full copies: one block's attention + one more module;
+# Qwen-Image's block 0: the last block's text stream is discarded, so its text-side weights get no gradient)
+FAMILIES = {
+    "qwen_image": ("QWEN_IMAGE_TINY", (16, 16), r"transformer_blocks\.(img|txt)_mlp\.fc[12]",
+                   [r"transformer_blocks\.0\.attn\..*", "proj_out"]),
+    "z_image": ("Z_IMAGE_TINY", (4, 1, 8, 8), r"layers\.feed_forward\.(gate|up|down)",
+                [r"layers\.1\.attention\..*", "final_linear"]),
+}
+
+
+def _tiny(family, scan_layers=True):
+    from turbojax import models
+    from turbojax.models import qwen_image, z_image
+    config = getattr(qwen_image if family == "qwen_image" else z_image, FAMILIES[family][0])
+    return models.create(config, seed=0, attention_impl="xla", scan_layers=scan_layers)
+
+
+def _blocks_cfg(family, **kw):
+    cfg = turbopp.turbopp_config()
+    _, _, lora_target, full = FAMILIES[family]
+    cfg.lora.student.targets, cfg.lora.student.rank, cfg.lora.student.alpha = [lora_target], 2, 2.0
+    cfg.turbopp.full_blocks = list(full)
+    cfg.turbopp.teacher_steps, cfg.turbopp.teacher_cfg = 6, 1.0  # 6 sub-steps: targets the 2 steps miss
+    cfg.turbopp.final_weight, cfg.gan.weight, cfg.dmd.weight = 1.0, 0.0, 0.0  # deterministic teacher targets
+    cfg.student.sigmas = (1.0, 0.75)
+    cfg.opt.warmup_steps, cfg.opt.weight_decay, cfg.ema_decay = 0, 0.0, 0.5
+    cfg.opt.student.lr, cfg.opt.blocks.lr = 1e-2, 3e-3
+    for k, v in kw.items():
+        sec, field = k.split("__")
+        cfg[sec][field] = v
+    return cfg
+
+
+def _blocks_batch(family):
+    rng = np.random.default_rng(0)
+    ctx = jnp.asarray(rng.standard_normal((2, 3, 24)), jnp.float32)
+    return {"ctx": ctx, "mask": jnp.ones((2, 3)), "neg_ctx": jnp.zeros_like(ctx), "neg_mask": jnp.ones((2, 3)),
+            "iteration": jnp.asarray(0)}
+
+
+def _sample_steps(m, step_models, noise, batch):
+    """Euler over the student's sigmas, step i with `step_models[i]` (what the per-step samplers do)."""
+    sig = list(m.settings.student_sigmas) + [0.0]
+    cond = {"ctx": batch["ctx"], "mask": batch["mask"]}
+    x = jnp.asarray(noise)
+    for i, mdl in enumerate(step_models):
+        x = x + (sig[i + 1] - sig[i]) * m.nets.velocity(mdl, x, jnp.full((x.shape[0],), sig[i]), cond)
+    return np.asarray(x)
+
+
+@pytest.mark.parametrize("family", ["qwen_image", "z_image"])
+def test_full_blocks_select_per_layer_and_files_use_diffusers_names(family, tmp_path):
+    from turbojax.distill import turbopp_blocks as TB
+    from turbojax.convert.safetensors_io import open_safetensors
+    from turbojax.convert.params import export_tensors, load_into
+    from turbojax.models.registry import get_family
+    scanned = _tiny(family)
+    weights = dict(export_tensors(scanned, get_family(family)))  # the same weights, unscanned
+    plain = load_into(_tiny(family, scan_layers=False), get_family(family), weights.__getitem__,
+                      {k: v.shape for k, v in weights.items()}, "test", progress=False)
+    stack, attn = ("transformer_blocks", "attn") if family == "qwen_image" else ("layers", "attention")
+    full = [rf"{stack}\.1\.{attn}\..*", FAMILIES[family][3][1]]  # block 1's attention + a top-level module
+    lay = TB.select(scanned, full)
+    # scanned: only layer 1 of each stacked attention leaf; the top-level module whole
+    assert all(layers == (1,) for key, layers in lay if key.startswith(stack + "."))
+    assert {key.split(".")[0] for key, layers in lay if layers is None} == {full[1]}
+    lay_plain = TB.select(plain, full)
+    assert all(k.startswith((f"{stack}.1.", full[1] + ".")) for k, _ in lay_plain) and len(lay_plain) == len(lay)
+    # a stack-wide spelling (as LoRA targets are written) selects every layer, scanned or not
+    wide = TB.select(scanned, rf"{stack}\.{attn}\.to_q")
+    assert [layers for _, layers in wide] == [(0, 1)] * len(wide)
+    wide_re = rf"{stack}(\.\d+)?\.\w+\.to_q"
+    assert {k for k, _ in TB.select(plain, wide_re)} == \
+        {f"{stack}.{i}.{k.split('.', 1)[1]}" for k, _ in TB.select(scanned, wide_re) for i in (0, 1)}
+
+    # copies moved away from the base: overlay writes exactly the selected layers
+    frozen = nnx.split(scanned)[1]
+    copies = {k: v + 1.0 for k, v in TB.init_copies(frozen, lay).items()}
+    new = TB.overlay(frozen, lay, copies)
+    before = {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(frozen)}
+    after = {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(new)}
+    picked = dict(lay)
+    for k, a in after.items():
+        if k not in picked:
+            np.testing.assert_array_equal(a, before[k], err_msg=k)
+        elif picked[k] is None:
+            np.testing.assert_array_equal(a, before[k] + 1.0, err_msg=k)
+        else:
+            np.testing.assert_array_equal(a[1], before[k][1] + 1.0, err_msg=k)
+            np.testing.assert_array_equal(a[0], before[k][0], err_msg=k)
+
+    # the file: diffusers state-dict names (layer 1 only), torch layout; it loads into the unscanned model too
+    TB.save(tmp_path / "b.safetensors", scanned, lay, copies)
+    f = open_safetensors(tmp_path / "b.safetensors")
+    assert len(f.keys()) == len(lay)  # one layer per stacked leaf + the top-level module's weight and bias
+    assert all(k.startswith(f"{stack}.1.") for k in f.keys() if k.startswith(stack + "."))
+    q = f"{stack}.1.{attn}.to_q.weight"
+    np.testing.assert_array_equal(f.get(q), np.asarray(copies[q.replace(".1.", ".").replace("weight", "kernel")])[0].T)
+    lay_back, copies_back = TB.load(tmp_path / "b.safetensors", plain)
+    assert lay_back == lay_plain
+    plain_model = TB.with_blocks(plain, lay_back, copies_back)
+    scanned_model = TB.with_blocks(scanned, lay, copies)
+    noise, batch = np.asarray(jax.random.normal(jax.random.key(0), (2, *FAMILIES[family][1]))), _blocks_batch(family)
+    m = methods.build(_blocks_cfg(family), scanned, FAMILIES[family][1], jax.random.key(0), cap_len=3)
+    np.testing.assert_allclose(_sample_steps(m, [plain_model], noise, batch),
+                               _sample_steps(m, [scanned_model], noise, batch), atol=1e-5)
+    with pytest.raises(TB.BlocksFileError, match="is not a parameter of this"):
+        TB.load(tmp_path / "b.safetensors", _tiny("qwen_image" if family == "z_image" else "z_image"))
+
+
+def test_full_blocks_config_errors():
+    model = _tiny("qwen_image")
+    cfg = _blocks_cfg("qwen_image")
+    cfg.lora.student.targets = [r"transformer_blocks\.attn\.to_q"]  # LoRA on every layer's to_q, block 0 copied
+    with pytest.raises(ValueError, match=r"transformer_blocks\.attn\.to_q \(layers \[0\]\) is selected by "
+                                         r"turbopp\.full_blocks and LoRA-targeted by lora\.student\.targets"):
+        methods.build(cfg, model, (16, 16), jax.random.key(0))
+    for bad, msg in (([r"transformer_blocks\.9\..*"], "select no parameter"), (["proj_out", "("], "not a valid regex")):
+        with pytest.raises(ValueError, match=msg):
+            methods.build(_blocks_cfg("qwen_image", turbopp__full_blocks=bad), model, (16, 16), jax.random.key(0))
+
+
+def _params_np(tree):
+    return jax.tree.map(lambda x: np.array(x), tree)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen_image", "z_image"])
+def test_full_blocks_train_resume_export_reload(family, tmp_path):
+    from safetensors import safe_open
+
+    from turbojax.training.checkpoints import Checkpoints
+    model = _tiny(family)
+    latent = FAMILIES[family][1]
+    cfg = _blocks_cfg(family)
+    m = methods.build(cfg, model, latent, jax.random.key(0), cap_len=3)
+    groups = ["student_1", "student_1_blocks", "student_2", "student_2_blocks"]
+    assert m.turns[0].groups == tuple(groups) and sorted(m.params) == groups
+    init = _params_np(m.params)
+    _, frozen = nnx.split(model)
+    base_before = _params_np(frozen)
+    batch = _blocks_batch(family)
+    gen = m.turns[0]
+
+    def loss(params):  # the generator loss on one fixed batch and key
+        return float(jax.jit(gen.loss)({g: params[g] for g in groups}, {}, frozen, batch, jax.random.key(5))[0])
+
+    def run(state, its, eng):
+        for it in its:
+            state, metrics = eng.iteration(state, frozen, lambda turn: {**batch, "iteration": jnp.asarray(it)}, it)
+            assert all(np.isfinite(float(v)) for v in metrics.values())
+        return state
+
+    eng = Engine(m.turns, m.txs, cfg.ema_decay, seed=0)
+    loss0 = loss(m.params)
+    straight = run(eng.init_state(jax.tree.map(jnp.array, m.params)), range(6), eng)
+    # resumed: 3 iterations, checkpoint, a fresh state restored from it, 3 more
+    half = run(eng.init_state(jax.tree.map(jnp.array, m.params)), range(3), eng)
+    with Checkpoints(tmp_path / "ck", every=3, keep=2) as ck:
+        ck.save(3, half, force=True)
+    with Checkpoints(tmp_path / "ck", every=3, keep=2) as ck:
+        restored, step = ck.restore_latest(eng.init_state(jax.tree.map(jnp.array, m.params)))
+    assert step == 3
+    resumed = run(restored, range(3, 6), eng)
+    jax.tree.map(np.testing.assert_array_equal, _params_np(straight), _params_np(resumed))
+
+    # it trained: loss down, the copies moved and differ between the steps, the frozen base did not change
+    state = straight
+    assert loss(state["params"]) < 0.9 * loss0, (loss0, loss(state["params"]))
+    b1, b2 = (_params_np(state["params"][f"student_{k}_blocks"]) for k in (1, 2))
+    assert b1.keys() == init["student_1_blocks"].keys() == dict(m.settings.full_blocks).keys()
+    for k in b1:
+        assert not np.array_equal(b1[k], init["student_1_blocks"][k]), k
+        assert not np.array_equal(b1[k], b2[k]), k
+    jax.tree.map(np.testing.assert_array_equal, base_before, _params_np(frozen))
+
+    # export -> reload -> the same samples as the in-memory (EMA) student
+    (tmp_path / "out").mkdir()
+    files = m.write_outputs(tmp_path / "out", state, model, cfg, 6)
+    assert sorted(f.name for f in files) == sorted(
+        [f"lora_step{k}{s}.safetensors" for k in (1, 2) for s in ("", "_comfy")]
+        + ["step1_blocks.safetensors", "step2_blocks.safetensors", "sampler.json"])
+    settings = json.loads((tmp_path / "out" / "sampler.json").read_text())
+    assert [(e["step"], e["blocks"]) for e in settings["step_adapters"]] == \
+        [(1, "step1_blocks.safetensors"), (2, "step2_blocks.safetensors")]
+    with safe_open(str(tmp_path / "out" / "step2_blocks.safetensors"), framework="numpy") as fh:
+        assert fh.metadata()["turbojax_step"] == "2"
+    adapters, st = turbopp.load_steps(tmp_path / "out", model)
+    blocks = turbopp.load_step_blocks(tmp_path / "out", model, st)
+    noise = np.asarray(jax.random.normal(jax.random.key(9), (2, *latent)))
+    mem = _sample_steps(m, turbopp.step_models(model, turbopp.step_adapters(m, state), turbopp.step_blocks(m, state)),
+                        noise, batch)
+    np.testing.assert_array_equal(_sample_steps(m, turbopp.step_models(model, adapters, blocks), noise, batch), mem)
+    # ... and the training rollout (LoRA unmerged, copies overlaid) draws the same images
+    x0, _ = turbopp.rollout(m.nets, frozen, state["ema"], jnp.asarray(noise),
+                            {"ctx": batch["ctx"], "mask": batch["mask"]}, m.settings)
+    np.testing.assert_allclose(np.asarray(x0), mem, atol=2e-5)
+    # the copies matter: without them (LoRA only) the samples differ
+    assert not np.allclose(_sample_steps(m, turbopp.step_models(model, adapters), noise, batch), mem, atol=1e-4)

@@ -4,7 +4,10 @@ The paper (arXiv 2606.12575) has no public code; only its three ideas are known,
 
 1. Step-decoupled parameters: one student LoRA per step on the one frozen base (roles `student_1`, `student_2`,
    ...; groups of the same names). [the paper's parameterisation (LoRA vs full copies) is unknown: per-step LoRAs are
-   the cheap proxy; `init_student_lora` warm-starts every step from one LoRA, e.g. a PCM one]
+   the cheap proxy; `init_student_lora` warm-starts every step from one LoRA, e.g. a PCM one] Option: per-step full
+   copies of selected weights (`turbopp.full_blocks`, groups `student_1_blocks`, ...; `turbopp_blocks.py`), the
+   base's weights at init, overlaid on the frozen base when that step's model is assembled; LoRA may adapt other
+   modules of the same step (or none: `lora.student.targets` empty).
 2. Distribution-aligned adversarial learning: the discriminator's reals are teacher samples (the batches' `real`
    pool with `gan.real_mix` 0), heads on frozen-teacher features of noised samples (DMD2's diffusion GAN), the
    non-saturating loss. [the backbone and taps are unknown: frozen-teacher features as in our DMD2]
@@ -61,6 +64,7 @@ class TurboPPSettings:
     gan_d_weight: float = 1.0
     gan_time: tuple[float, float] = (0.02, 0.98)
     gan_shift: float = 1.0
+    full_blocks: tuple = ()       # turbopp_blocks.Layout of the per-step full copies (empty: LoRA only)
 
     @property
     def steps(self) -> int:
@@ -78,6 +82,22 @@ class TurboPPSettings:
 def role_name(step: int) -> str:
     """The role / group of the adapter that serves step `step` (1-based)."""
     return f"student_{step}"
+
+
+def blocks_name(step: int) -> str:
+    """The group of step `step`'s full copies (`turbopp.full_blocks`)."""
+    return f"student_{step}_blocks"
+
+
+def step_model(nets: Nets, frozen, own: dict, step: int, s: TurboPPSettings):
+    """Step `step`'s model (traceable): the frozen base with the step's full copies overlaid, plus its LoRA;
+    `own` holds the step's groups (either may be absent)."""
+    from turbojax.distill import turbopp_blocks
+
+    if blocks_name(step) in own:
+        frozen = turbopp_blocks.overlay(frozen, s.full_blocks, own[blocks_name(step)])
+    name = role_name(step)
+    return nets.role(name, frozen, own[name]) if name in own else nets.teacher(frozen)
 
 
 def teacher_states(nets: Nets, frozen, x_T, batch, s: TurboPPSettings) -> list:
@@ -103,19 +123,20 @@ def teacher_states(nets: Nets, frozen, x_T, batch, s: TurboPPSettings) -> list:
 
 
 def rollout(nets: Nets, frozen, students: dict, x_T, cond, s: TurboPPSettings):
-    """All student steps from `x_T`: step i uses adapter `student_{i+1}`; Euler between steps, the last step
-    predicts x0. Gradient flows through the states unless `end_to_end` is off. Returns (x0, boundary states)."""
+    """All student steps from `x_T`: step i uses adapter `student_{i+1}` (and its full copies
+    `student_{i+1}_blocks` when kept); Euler between steps, the last step predicts x0. Gradient flows through the
+    states unless `end_to_end` is off. Returns (x0, boundary states)."""
     sig = [float(x) for x in s.student_sigmas] + [0.0]
     b = x_T.shape[0]
     x, states = x_T.astype(F32), []
     for i in range(s.steps):
-        name = role_name(i + 1)
+        own = {g: students[g] for g in (role_name(i + 1), blocks_name(i + 1)) if g in students}
         sigma = jnp.full((b,), sig[i], F32)
 
-        def vel(factors, x, name=name, sigma=sigma):
-            return nets.velocity(nets.role(name, frozen, factors), x, sigma, cond)
+        def vel(own, x, step=i + 1, sigma=sigma):
+            return nets.velocity(step_model(nets, frozen, own, step, s), x, sigma, cond)
 
-        v = (jax.checkpoint(vel) if s.remat else vel)(students[name], x)
+        v = (jax.checkpoint(vel) if s.remat else vel)(own, x)
         if i == s.steps - 1:
             return L.x0_from_velocity(x, sigma, v), states
         x = x + (sig[i + 1] - sig[i]) * v
@@ -220,6 +241,20 @@ def turbopp_config() -> ml_collections.ConfigDict:
       turbopp.final_weight     weight of a regression of the final image to the teacher's end point (0 = off)
       turbopp.end_to_end       gradient from step 2 into step 1 (False: detached, the ablation)
       turbopp.remat            rematerialise each step's forward in the end-to-end pass
+      turbopp.full_blocks      regex or list of regexes selecting weights that become per-step full copies (default
+                               empty: LoRA only). Each is fully matched against a parameter's dotted path and its
+                               module's, with the layer index after the stack name for one block
+                               (`transformer_blocks\.(0|1)\..*`: blocks 0 and 1; Z-Image `layers\.0\..*`) or
+                               without it for every layer (`transformer_blocks\.attn\..*`, as LoRA targets are
+                               spelled); the same regex works with and without scan_layers. With scanned stacks
+                               only the selected layers are copied (a `[k, ...]` slice written into the frozen
+                               stack when the step's model is assembled). Each step trains its own fp32 copy
+                               (group `student_{k}_blocks`, initialised from the frozen base, EMA'd and checkpointed
+                               like the LoRAs), exported as `step{k}_blocks.safetensors` (diffusers names, torch
+                               layout). A module may not be both copied and in `lora.student.targets` (error);
+                               with scan_layers a LoRA target covers every layer of its stack, so pick LoRA targets
+                               among the other modules, or none (`lora.student.targets` empty: copies only).
+      opt.blocks.lr            the copies' LR (full weights: lower than a LoRA's)
 
     `dmd.weight` is the optional DMD term (0 = off, no fake score), `gan.weight` the adversarial one with reals =
     teacher samples (`gan.real_mix` 0), `lora.student` the spec of every per-step adapter, `opt.student` their LR."""
@@ -229,7 +264,8 @@ def turbopp_config() -> ml_collections.ConfigDict:
     c.method = "turbopp"
     c.workdir = "out/turbopp"
     c.turbopp = ml_collections.ConfigDict(dict(teacher_steps=8, teacher_cfg=4.0, boundary_weight=1.0,
-                                               final_weight=0.0, end_to_end=True, remat=True))
+                                               final_weight=0.0, end_to_end=True, remat=True, full_blocks=[]))
+    c.opt.blocks = ml_collections.ConfigDict(dict(lr=1e-5))
     c.dmd.weight = 0.0
     c.gan.weight = 0.03
     c.gan.real_mix = 0.0
@@ -254,6 +290,7 @@ def build(cfg, base_model, latent_shape, rng, *, cap_len=None):
     from turbojax.distill import methods as M
     from turbojax.distill.denoiser import denoiser_for
     from turbojax.distill.engine import Turn, make_tx
+    from turbojax.distill import turbopp_blocks
     from turbojax.distill.pcm import feature_heads
     from turbojax.lora import unmerged
 
@@ -267,11 +304,22 @@ def build(cfg, base_model, latent_shape, rng, *, cap_len=None):
         raise ValueError("turbopp needs a final-image loss: gan.weight, dmd.weight or turbopp.final_weight > 0")
     graphdef, frozen = nnx.split(base_model)
     keys = jax.random.split(rng, s.steps + 2)
+    patterns = cfg.turbopp.get("full_blocks", [])
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    layout = turbopp_blocks.select(base_model, patterns) if patterns else ()
+    with_lora = bool(list(cfg.lora.student.targets)) or bool(cfg.init_student_lora) or not layout
+    s = dataclasses.replace(s, full_blocks=layout)
     roles, params = {}, {}
     for i in range(s.steps):
-        a = M._adapter(base_model, cfg.lora.student, keys[i], cfg.init_student_lora)
-        roles[role_name(i + 1)] = unmerged.make_role(graphdef, frozen, a)
-        params[role_name(i + 1)] = unmerged.factors_of(a)
+        if with_lora:
+            a = M._adapter(base_model, cfg.lora.student, keys[i], cfg.init_student_lora)
+            if i == 0:
+                turbopp_blocks.check_no_lora(layout, a, "init_student_lora" if cfg.init_student_lora
+                                             else "lora.student.targets")
+            roles[role_name(i + 1)] = unmerged.make_role(graphdef, frozen, a)
+            params[role_name(i + 1)] = unmerged.factors_of(a)
+        if layout:
+            params[blocks_name(i + 1)] = turbopp_blocks.init_copies(frozen, layout)
     if s.dmd:
         fake = M._adapter(base_model, cfg.lora.fake, keys[-2])
         roles["fake"] = unmerged.make_role(graphdef, frozen, fake)
@@ -282,12 +330,13 @@ def build(cfg, base_model, latent_shape, rng, *, cap_len=None):
     nets = Nets(base=graphdef, roles=roles, denoiser=denoiser_for(base_model, latent_shape, cap_len),
                 latent_shape=tuple(latent_shape),
                 **({k: disc[k] for k in ("disc", "disc_template", "taps")} if disc else {}))
-    students = tuple(role_name(i + 1) for i in range(s.steps))
+    students = tuple(g for i in range(s.steps) for g in (role_name(i + 1), blocks_name(i + 1)) if g in params)
     clip = float(cfg.opt.grad_clip)
     critic_groups = tuple(g for g, on in (("fake", s.dmd), ("disc", s.gan)) if on)
     turns = [Turn("generator", students, generator_loss(nets, s), every=int(cfg.ttur_ratio) if critic_groups else 1,
                   ema=students if cfg.ema_decay > 0 else ())]
-    txs = {"generator": make_tx({g: M._group_opt(cfg, "student") for g in students}, clip)}
+    txs = {"generator": make_tx({g: M._group_opt(cfg, "blocks" if g.endswith("_blocks") else "student")
+                                 for g in students}, clip)}
     if critic_groups:
         turns.append(Turn("critic", critic_groups, critic_loss(nets, s)))
         txs["critic"] = make_tx({g: M._group_opt(cfg, g) for g in critic_groups}, clip)
@@ -303,16 +352,28 @@ def build(cfg, base_model, latent_shape, rng, *, cap_len=None):
 # Per-step adapters: export, reload, sampling
 # --------------------------------------------------------------------------------------------------------------
 
-def step_adapters(method, state, use_ema: bool = True) -> list[dict]:
-    """The per-step students as adapters `[{path: {"a", "b", "scale"}}]` in step order (their EMA when kept)."""
+def _trained(state, g: str, use_ema: bool):
+    return state["ema"][g] if use_ema and g in state.get("ema", {}) else state["params"][g]
+
+
+def step_adapters(method, state, use_ema: bool = True) -> list[dict | None]:
+    """The per-step students as adapters `[{path: {"a", "b", "scale"}}]` in step order (their EMA when kept);
+    None for a step without LoRA (full copies only)."""
     from turbojax.lora import unmerged
 
     out = []
     for i in range(method.settings.steps):
         g = role_name(i + 1)
-        factors = state["ema"][g] if use_ema and g in state.get("ema", {}) else state["params"][g]
-        out.append(unmerged.adapter_of(method.nets.roles[g], jax.device_get(factors)))
+        out.append(unmerged.adapter_of(method.nets.roles[g], jax.device_get(_trained(state, g, use_ema)))
+                   if g in state["params"] else None)
     return out
+
+
+def step_blocks(method, state, use_ema: bool = True) -> list[tuple | None]:
+    """Each step's full copies `(layout, {path: array})` in step order (their EMA when kept); None without them."""
+    lay = method.settings.full_blocks
+    return [(lay, _trained(state, blocks_name(i + 1), use_ema)) if blocks_name(i + 1) in state["params"] else None
+            for i in range(method.settings.steps)]
 
 
 def step_files(step: int) -> dict:
@@ -320,52 +381,92 @@ def step_files(step: int) -> dict:
 
 
 def export(method, workdir, state, base, cfg, step: int) -> list[Path]:
-    """Each step's adapter in both LoRA layouts, and `sampler.json` whose `step_adapters` says which file serves
-    which step (1-based, at which sigma); each file also carries the settings and its step in its metadata."""
+    """Each step's adapter in both LoRA layouts and its full copies (`step{k}_blocks.safetensors`, diffusers names,
+    torch layout) when kept, and `sampler.json` whose `step_adapters` says which files serve which step (1-based, at
+    which sigma); each file also carries the settings and its step in its metadata."""
     from turbojax import lora
     from turbojax.convert.atomic import commit_file
     from turbojax.distill import export as export_lib
+    from turbojax.distill import turbopp_blocks
 
     workdir = Path(workdir)
+    adapters, blocks = step_adapters(method, state), step_blocks(method, state)
     settings = export_lib.sampler_settings(cfg, method.name, step)
-    settings["step_adapters"] = [{"step": i + 1, "sigma": float(sig), **step_files(i + 1)}
-                                 for i, sig in enumerate(cfg.student.sigmas)]
+    settings["step_adapters"] = [
+        {"step": i + 1, "sigma": float(sig), **(step_files(i + 1) if adapters[i] is not None else {}),
+         **({"blocks": f"step{i + 1}_blocks.safetensors"} if blocks[i] is not None else {})}
+        for i, sig in enumerate(cfg.student.sigmas)]
     out = []
-    for i, adapter in enumerate(step_adapters(method, state)):
-        for layout, name in step_files(i + 1).items():
-            path = workdir / name
-            lora.save(path, adapter, base, layout=layout)
-            export_lib._add_metadata(path, {"turbojax_sampler": json.dumps(settings), "turbojax_step": str(i + 1)})
-            out.append(path)
+    for i, (adapter, bl) in enumerate(zip(adapters, blocks)):
+        meta = {"turbojax_sampler": json.dumps(settings), "turbojax_step": str(i + 1)}
+        if adapter is not None:
+            for layout, name in step_files(i + 1).items():
+                path = workdir / name
+                lora.save(path, adapter, base, layout=layout)
+                export_lib._add_metadata(path, meta)
+                out.append(path)
+        if bl is not None:
+            out.append(turbopp_blocks.save(workdir / settings["step_adapters"][i]["blocks"], base, *bl, meta))
     side = workdir / "sampler.json"
     commit_file(side, lambda fh: fh.write((json.dumps(settings, indent=2) + "\n").encode()))
     return out + [side]
 
 
-def load_steps(folder, model, layout: str = "diffusers") -> tuple[list[dict], dict]:
-    """(per-step adapters in step order, sampler settings) of an exported Turbo++ folder."""
+def _entries(folder: Path, settings: dict) -> list[dict]:
+    entries = sorted(settings["step_adapters"], key=lambda e: int(e["step"]))
+    if [int(e["step"]) for e in entries] != list(range(1, len(entries) + 1)):
+        raise ValueError(f"{folder / 'sampler.json'}: step_adapters must number the steps 1..N")
+    return entries
+
+
+def load_steps(folder, model, layout: str = "diffusers") -> tuple[list[dict | None], dict]:
+    """(per-step adapters in step order, None for a step without LoRA, sampler settings) of an exported Turbo++
+    folder; `load_step_blocks` gives the steps' full copies."""
     from turbojax import lora
 
     folder = Path(folder)
     settings = json.loads((folder / "sampler.json").read_text())
-    entries = sorted(settings["step_adapters"], key=lambda e: int(e["step"]))
-    if [int(e["step"]) for e in entries] != list(range(1, len(entries) + 1)):
-        raise ValueError(f"{folder / 'sampler.json'}: step_adapters must number the steps 1..N")
-    return [lora.load(folder / e[layout], model) for e in entries], settings
+    return [lora.load(folder / e[layout], model) if layout in e else None for e in _entries(folder, settings)], \
+        settings
 
 
-def digits_tokens(teacher, adapters, labels, seed: int, sigmas, guidance: float = 1.0, *,
+def load_step_blocks(folder, model, settings: dict) -> list[tuple | None]:
+    """Each step's full copies `(layout, {path: array})` of an exported folder (None for a step without)."""
+    from turbojax.distill import turbopp_blocks
+
+    folder = Path(folder)
+    return [turbopp_blocks.load(folder / e["blocks"], model) if "blocks" in e else None
+            for e in _entries(folder, settings)]
+
+
+def step_models(base, adapters, blocks=None) -> list:
+    """One merged model per step: `base` with the step's full copies in place, then its LoRA merged."""
+    from turbojax import lora
+    from turbojax.distill import turbopp_blocks
+
+    blocks = blocks or [None] * len(adapters)
+    if len(blocks) != len(adapters):
+        raise ValueError(f"{len(adapters)} per-step adapters but {len(blocks)} per-step full copies")
+    out = []
+    for a, b in zip(adapters, blocks):
+        m = turbopp_blocks.with_blocks(base, *b) if b is not None else base
+        out.append(lora.apply(m, [(a, 1.0)]) if a is not None else m)
+    return out
+
+
+def digits_tokens(teacher, adapters, labels, seed: int, sigmas, guidance: float = 1.0, *, blocks=None,
                   batch_size: int = 500) -> np.ndarray:
-    """Packed digits latents from per-step adapters: step i merges `adapters[i]` and takes one Euler step of the
-    sigma list (the last one to 0), noise of image j from `seed + j` as in `turbojax.digits.model.generate`."""
-    from turbojax import lora, sampling
+    """Packed digits latents from per-step adapters (and full copies): step i runs `step_models(...)[i]` for one
+    Euler step of the sigma list (the last one to 0), noise of image j from `seed + j` as in
+    `turbojax.digits.model.generate`."""
+    from turbojax import sampling
     from turbojax.digits import data, model as dm
 
     labels = np.asarray(labels, np.int64).reshape(-1)
     sig = [float(x) for x in sigmas] + [0.0]
     if len(adapters) != len(sig) - 1:
         raise ValueError(f"{len(adapters)} per-step adapters for a {len(sig) - 1}-step sigma list")
-    models = [lora.apply(teacher, [(a, 1.0)]) for a in adapters]
+    models = step_models(teacher, adapters, blocks)
     x_all = dm.noise(len(labels), seed)
     emb, mask = dm.class_condition(labels)
     nemb, nmask = dm.class_condition(np.full(len(labels), dm.EMPTY))
@@ -388,31 +489,47 @@ def digits_images(method, teacher, state, labels, seed: int, cfg) -> np.ndarray:
     from turbojax.digits import data
 
     tokens = digits_tokens(teacher, step_adapters(method, state), labels, seed, cfg.student.sigmas,
-                           float(cfg.student.cfg))
+                           float(cfg.student.cfg), blocks=step_blocks(method, state))
     return data.tokens_to_images(tokens)
 
 
-def per_step_pipeline(pipe, step_loras):
+def per_step_pipeline(pipe, step_loras, step_blocks=None):
     """`pipe` (a `turbojax.pipelines.Text2ImagePipeline`) whose denoising runs step i with its transformer plus
-    the LoRA `step_loras[i] = (file, scale)` (the Turbo++ sampler; `sample.py --lora-step i:FILE`). The schedule
-    must have exactly one step per LoRA; each step is one call of the pipeline's own sampler on its two sigmas."""
+    the LoRA `step_loras[i] = (file, scale)` and/or with the full copies of the blocks file `step_blocks[i]` in
+    place (the Turbo++ sampler; `sample.py --lora-step i:FILE --blocks-step i:FILE`; an empty list: none of that
+    kind). The schedule must have exactly one step per entry; each step is one call of the pipeline's own sampler
+    on its two sigmas."""
     from turbojax import lora
+    from turbojax.distill import turbopp_blocks
     from turbojax.pipelines import PipelineError, Text2ImagePipeline
 
+    step_loras, step_blocks = list(step_loras or []), list(step_blocks or [])
+    if step_loras and step_blocks and len(step_loras) != len(step_blocks):
+        raise PipelineError(f"{len(step_loras)} per-step LoRAs but {len(step_blocks)} per-step blocks files")
     transformers = []
-    for file, scale in step_loras:
-        try:
-            adapter = lora.load(file, pipe.transformer)
-        except lora.LoraFormatError as e:
-            raise PipelineError(f"LoRA {file} does not fit this {pipe.family} transformer: {e}") from None
-        transformers.append(lora.apply(pipe.transformer, [(adapter, float(scale))]))
+    for i in range(max(len(step_loras), len(step_blocks))):
+        t = pipe.transformer
+        if step_blocks:
+            try:
+                t = turbopp_blocks.with_blocks(t, *turbopp_blocks.load(step_blocks[i], t))
+            except ValueError as e:  # BlocksFileError, SafetensorsError
+                msg = str(e) if str(e).startswith(str(step_blocks[i])) else f"{step_blocks[i]}: {e}"
+                raise PipelineError(f"blocks file {msg}") from None
+        if step_loras:
+            file, scale = step_loras[i]
+            try:
+                adapter = lora.load(file, pipe.transformer)
+            except lora.LoraFormatError as e:
+                raise PipelineError(f"LoRA {file} does not fit this {pipe.family} transformer: {e}") from None
+            t = lora.apply(t, [(adapter, float(scale))])
+        transformers.append(t)
 
     class PerStepPipeline(Text2ImagePipeline):
         def denoise(self, latents, cond, neg, sigmas, **kw):
             sig = np.asarray(sigmas, np.float32)
             if len(sig) - 1 != len(transformers):
-                raise PipelineError(f"{len(transformers)} per-step LoRAs (--lora-step) for a {len(sig) - 1}-step "
-                                    "schedule; give one LoRA per step")
+                raise PipelineError(f"{len(transformers)} per-step students (--lora-step / --blocks-step) for a "
+                                    f"{len(sig) - 1}-step schedule; give one per step")
             x = latents
             for i, t in enumerate(transformers):
                 x = Text2ImagePipeline.denoise(dataclasses.replace(self, transformer=t), x, cond, neg, sig[i:i + 2],
@@ -424,11 +541,13 @@ def per_step_pipeline(pipe, step_loras):
 
 def digits_sampler(teacher, folder):
     """`(sample(labels, seed) -> uint8 digits, train_s_per_step or None)` of an exported Turbo++ digits student
-    (a `train.py` workdir holding `lora_step*.safetensors` + `sampler.json`), for `bench/distill_quality.py` rows."""
+    (a `train.py` workdir holding `lora_step*.safetensors` and/or `step*_blocks.safetensors` + `sampler.json`), for
+    `bench/distill_quality.py` rows."""
     from turbojax.digits import data
 
     adapters, settings = load_steps(folder, teacher)
+    blocks = load_step_blocks(folder, teacher, settings)
     sig, guidance = settings["sigmas"][:-1], float(settings.get("guidance", 1.0))
     return ((lambda labels, seed: data.tokens_to_images(digits_tokens(teacher, adapters, labels, seed, sig,
-                                                                       guidance))),
+                                                                       guidance, blocks=blocks))),
             settings.get("train_s_per_step"))
