@@ -1,6 +1,7 @@
 """ArcFlow: the momentum policy's closed-form step against a fine numerical integration, its limits (K = 1 is Euler,
-gamma -> 1 keeps finite gradients), the heads' initialisation from the teacher's output layer, a distilled student
-on the 2-D known-answer problem, a short train.py run that lowers its loss and resumes exactly, and export ->
+gamma -> 1 keeps finite gradients), the heads' initialisation from the teacher's output layer (Qwen-Image and
+Z-Image, whose heads are negated and channel-last), a distilled student on the 2-D known-answer problem, a short
+train.py run that lowers its loss and resumes exactly, a short Z-Image run that lowers its loss, and export ->
 reload -> the same samples."""
 import json
 import os
@@ -20,6 +21,7 @@ from turbojax.distill import arcflow_heads as H
 from turbojax.distill import methods, toy
 from turbojax.distill.engine import Engine
 from turbojax.models.qwen_image import QWEN_IMAGE_TINY
+from turbojax.models.z_image import Z_IMAGE_TINY
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -135,6 +137,76 @@ def test_heads_start_as_the_teachers_output_layer():
     assert np.allclose(b, b[..., :1]) and 0.01 < b.std() < 0.1  # one draw per (component, channel), std 0.05
 
 
+def _tiny_z_image():
+    return models.create(Z_IMAGE_TINY, seed=0, attention_impl="xla")
+
+
+def _z_inputs(seed=0, b=2, cap=5):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((b, 4, 1, 8, 8)), jnp.float32)
+    return x, {"ctx": jnp.asarray(rng.standard_normal((b, cap, 24)), jnp.float32)}
+
+
+def test_z_image_return_hidden_is_what_final_linear_reads():
+    from turbojax.models.z_image import unpatchify
+    model = _tiny_z_image()
+    x, cond = _z_inputs()
+    xs, caps, t = [x[0, :, :], x[1]], [cond["ctx"][0], cond["ctx"][1, :3]], jnp.array([0.2, 0.7])  # ragged caps
+    outs = model.forward(xs, t, caps)
+    hidden = model.forward(xs, t, caps, return_hidden=True)
+    assert hidden.shape == (2, 16, 64)
+    for i in range(2):
+        again = unpatchify(model.final_linear(hidden[i]), (1, 8, 8), 4, 2, 1)
+        np.testing.assert_allclose(np.asarray(again), np.asarray(outs[i]), atol=1e-6)
+    with pytest.raises(ValueError, match="one latent size"):
+        model.forward([x[0], x[1, :, :, :4, :4]], t, caps, return_hidden=True)
+
+
+def test_z_image_heads_start_as_the_teachers_velocity():
+    """K = 1 from the teacher (no jitter): the policy's velocity is ZImageDenoiser's (the negated x0 - eps output,
+    channel-last patches unpatchified); K = 5: every component is, whatever the rates."""
+    from turbojax.distill.denoiser import denoiser_for
+    model = _tiny_z_image()
+    x, cond = _z_inputs(cap=5)
+    trunk = H.trunk_for(model, (4, 1, 8, 8), 5)
+    assert (trunk.channels, trunk.pixels, trunk.sign, trunk.order) == (4, 4, -1.0, "pc")
+    sigma = jnp.array([1.0, 0.6])
+    v_teacher = np.asarray(denoiser_for(model, (4, 1, 8, 8), 5)(model, x, sigma, cond))
+    assert np.abs(v_teacher).max() > 0.5
+    for k in (1, 5):
+        heads, gamma = H.init_heads(model, trunk, k, jax.random.key(0), jitter=0.0)
+        assert sorted(heads["full"]) == ["final_mod"]
+        pol = H.policy_of(heads, gamma, model, trunk, x, sigma, cond)
+        assert pol.means.shape == (2, 4, 1, 8, k, 8, 1) and pol.logits.shape == (2, 1, 1, 8, k, 8, 1)
+        np.testing.assert_allclose(np.asarray(A.velocity(pol, sigma, sigma)), v_teacher, atol=1e-5)
+        if k == 1:  # and its analytic step is the teacher's Euler step
+            np.testing.assert_allclose(np.asarray(A.integrate(pol, sigma, x, sigma, sigma - 0.25)),
+                                       np.asarray(x) - 0.25 * v_teacher, atol=1e-5)
+    jittered, _ = H.init_heads(model, trunk, 5, jax.random.key(0))
+    b = (jittered["means"]["bias"] - heads["means"]["bias"]).reshape(5, 4, 4)  # (component, pixel, channel)
+    assert np.allclose(b, b[:, :1, :]) and 0.01 < b.std() < 0.1  # one draw per (component, channel)
+
+
+def test_z_image_policy_layout_keeps_each_pixels_mixture():
+    """Random heads: the policy arranged into Z-Image's latent layout has, at every pixel, the velocity of the
+    token-layout policy at that token and pixel (means, logits and log-rates all move together)."""
+    model = _tiny_z_image()
+    x, cond = _z_inputs(seed=1)
+    trunk = H.trunk_for(model, (4, 1, 8, 8), 5)
+    heads, gamma = H.init_heads(model, trunk, 3, jax.random.key(0))
+    rng = np.random.default_rng(2)
+    heads["logits"]["kernel"] = rng.standard_normal(heads["logits"]["kernel"].shape).astype(np.float32)
+    gamma["kernel"] = rng.standard_normal(gamma["kernel"].shape).astype(np.float32) * 0.3
+    sigma, later = jnp.array([1.0, 0.8]), jnp.array([0.4, 0.5])
+    hidden = trunk.hidden(model, x, sigma, cond)
+    tok = H.apply_heads(heads, gamma, hidden, trunk)  # [B, N, K, C, P]; velocity index c * P + p
+    v_tok = np.asarray(A.velocity(tok, sigma, later)).reshape(2, 4, 4, 4, 2, 2)  # b, hp, wp, c, ph, pw
+    want = v_tok.transpose(0, 3, 1, 4, 2, 5).reshape(2, 4, 1, 8, 8)
+    got = np.asarray(A.velocity(trunk.arrange(tok, x.shape), sigma, later))
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert np.abs(got - np.asarray(A.velocity(trunk.arrange(tok, x.shape), sigma, sigma))).max() > 1e-3
+
+
 def _tiny_cfg(k=4):
     cfg = H.arcflow_config()
     cfg.lora.student.rank, cfg.lora.student.alpha = 2, 2.0
@@ -184,6 +256,58 @@ def test_export_reload_samples_the_same(tmp_path):
     (tmp_path / "heads.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(H.ArcFlowFormatError, match="heads.safetensors"):
         H.load_student(tmp_path, model)
+
+
+@pytest.mark.slow
+def test_z_image_arcflow_lowers_its_loss_and_exports(tmp_path):
+    """A short run of the Z-Image recipe (its LoRA targets, shift 3, CFG 4 against an empty negative caption) on the
+    tiny Z-Image: the imitation loss falls, the export names the Z-Image final layer, and the reloaded folder
+    samples what the trained student samples (2 and 4 NFE)."""
+    sys.path.insert(0, str(REPO))
+    from configs.z_image_arcflow import TARGETS, get_config
+    model = _tiny_z_image()
+    cfg = get_config()
+    assert cfg.student.sigmas == (1.0, 0.75) and cfg.lora.student.targets == TARGETS
+    cfg.lora.student.rank, cfg.lora.student.alpha = 2, 2.0
+    cfg.arcflow.num_components, cfg.arcflow.num_states, cfg.arcflow.decay_iters = 3, 2, 0
+    cfg.opt.warmup_steps = 0
+    cfg.opt.student.lr = cfg.opt.heads.lr = cfg.opt.gamma.lr = 3e-3
+    cfg.ema_decay = 0.0
+    m = methods.build(cfg, model, (4, 1, 8, 8), jax.random.key(0), cap_len=5)
+    assert m.trunk.family == "z_image" and m.trunk.cap_len == 5
+    assert all("attention" not in p for p in m.params["student"])  # attention frozen
+    eng = Engine(m.turns, m.txs, cfg.ema_decay)
+    _, frozen = nnx.split(model)
+    x, cond = _z_inputs(cap=5)
+    batch = {**cond, "neg_ctx": jnp.zeros_like(cond["ctx"]), "iteration": jnp.asarray(0)}
+    loss_fn = jax.jit(m.turns[0].loss)
+
+    def held_out(params):  # the loss on fixed noise and trajectories (the training batches draw new ones)
+        return np.mean([float(loss_fn(params, {}, frozen, batch, jax.random.key(100 + i))[0]) for i in range(4)])
+
+    before = held_out(jax.tree.map(np.array, m.params))
+    state = eng.init_state(m.params)
+    for it in range(12):
+        state, metrics = eng.iteration(state, frozen, lambda turn: batch, it)
+        assert np.isfinite(float(metrics["policy/loss"]))
+    after = held_out(jax.tree.map(np.array, state["params"]))  # (the next steps donate the state)
+    assert after < 0.85 * before, (before, after)
+
+    files = m.write_outputs(tmp_path, state, model, cfg, 12)
+    assert sorted(f.name for f in files) == ["arcflow.json", "heads.safetensors", "lora.safetensors"]
+    settings = json.loads((tmp_path / "arcflow.json").read_text())
+    assert settings["family"] == "z_image" and settings["shift"] == 3.0 and settings["sigmas"] == [1.0, 0.75, 0.0]
+    assert settings["alt_sigmas"] == {"4": H.equal_raw_sigmas(4, 3.0)}
+    assert settings["fully_trained"] == ["all_final_layer.2-1.adaLN_modulation.1"]
+    loaded = H.load_student(tmp_path, model)
+    trained = H.student_of(m, model, state)
+    noise = np.asarray(jax.random.normal(jax.random.key(3), (2, 4, 1, 8, 8)))
+    caps = {"caps": [cond["ctx"][0], cond["ctx"][1]]}  # the pipeline's per-sample captions
+    for sig in (None, settings["alt_sigmas"]["4"]):
+        a, b = np.asarray(trained.sample(noise, cond, sig)), np.asarray(loaded.sample(noise, caps, sig))
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    with pytest.raises(H.ArcFlowFormatError, match="heads for a z_image model"):
+        H.load_student(tmp_path, _tiny_qwen())
 
 
 @pytest.mark.slow

@@ -1,7 +1,9 @@
 """ArcFlow on a model: the policy heads on the final AdaLN output, the method on the engine, the sampler, the
 exported folder and its loader (the math is `turbojax.distill.arcflow`; spec: shared docs `distillation.md` §3).
 
-The heads replace the output layer (`proj_out`) and read the final AdaLN output (`forward(..., return_hidden=True)`):
+The heads replace the output layer (Qwen-Image `proj_out`, Z-Image `final_linear`) and read the final AdaLN output
+(`forward(..., return_hidden=True)`); the per-family details (token layout, output sign, captions) are the trunks of
+`turbojax.distill.arcflow_trunks`:
 
     means     D -> K * C * P   (K velocity means; init: the teacher's proj_out copied K times + N(0, jitter) bias
                                 per (component, channel), so every component starts as the teacher's velocity)
@@ -10,7 +12,7 @@ The heads replace the output layer (`proj_out`) and read the final AdaLN output 
                                 accelerating; component 0 has rate 1)
 
 Trainable groups of the engine: `student` (the trunk's LoRA: MLPs and the timestep embedder, attention frozen),
-`heads` (means, logits and `norm_out`, trained fully) and `gamma` (the log-rate head, at its own lower LR).
+`heads` (means, logits and the final AdaLN: Qwen-Image `norm_out`, Z-Image `final_mod`, trained fully) and `gamma` (the log-rate head, at its own lower LR).
 
 Exported folder (`export_folder`, read back by `load_student`):
 
@@ -34,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from turbojax.distill import arcflow as A
+from turbojax.distill.arcflow_trunks import QwenTrunk, ToyTrunk, ZImageTrunk, trunk_for  # noqa: F401 (re-exported)
 
 F32 = jnp.float32
 CONFIG_FILE, HEADS_FILE, LORA_FILE = "arcflow.json", "heads.safetensors", "lora.safetensors"
@@ -41,62 +44,6 @@ CONFIG_FILE, HEADS_FILE, LORA_FILE = "arcflow.json", "heads.safetensors", "lora.
 
 class ArcFlowFormatError(ValueError):
     pass
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Trunks: where the heads read from, per family
-# --------------------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class QwenTrunk:
-    """Qwen-Image: packed latents `[B, N, C * 4]`, one token per 2 x 2 patch (P = 4 pixels of C channels)."""
-    channels: int
-    pixels: int = 4
-    grid: tuple[int, int] | None = None  # patch grid (H/16, W/16); None: square, from N
-    proj: str = "proj_out"
-    full: tuple[str, ...] = ("norm_out",)  # modules trained fully, with their diffusers names below
-    torch_names: tuple[tuple[str, str], ...] = (("norm_out", "norm_out.linear"),)
-
-    def hidden(self, model, x, sigma, cond):
-        grid = self.grid
-        if grid is None:
-            side = int(round(x.shape[1] ** 0.5))
-            if side * side != x.shape[1]:
-                raise ValueError(f"{x.shape[1]} Qwen-Image tokens are not a square grid; give QwenTrunk(grid=...)")
-            grid = (side, side)
-        h = model.forward(x, cond["ctx"], cond.get("mask"), jnp.asarray(sigma, F32), ((1, *grid),),
-                          return_hidden=True)
-        return h.astype(F32)
-
-
-@dataclasses.dataclass(frozen=True)
-class ToyTrunk:
-    """`turbojax.distill.toy.ToyFlow`: the last residual block's output (what its `out` Linear reads)."""
-    last_block: int
-    channels: int = 2
-    pixels: int = 1
-    grid: None = None
-    proj: str = "out"
-    full: tuple[str, ...] = ()
-    torch_names: tuple[tuple[str, str], ...] = ()
-
-    def hidden(self, model, x, sigma, cond):
-        _, feats = model.forward(x, cond["ctx"], cond.get("mask"), sigma, taps=(self.last_block,))
-        return feats[-1][:, 0, :].astype(F32)
-
-
-def trunk_for(model, latent_shape=None):
-    fam = getattr(model, "family", None)
-    if fam == "qwen_image":
-        c = model.config
-        grid = None
-        if latent_shape is not None:
-            from turbojax.distill.denoiser import denoiser_for
-            grid = denoiser_for(model, latent_shape).grid
-        return QwenTrunk(channels=c.out_channels or c.in_channels, pixels=c.patch_size ** 2, grid=grid)
-    if fam == "toy":
-        return ToyTrunk(last_block=model.config.num_layers - 1, channels=model.config.dim)
-    raise ValueError(f"ArcFlow heads are implemented for Qwen-Image (and the toy flow), not for family {fam!r}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -122,8 +69,12 @@ def init_heads(model, trunk, num_components: int, key, *, jitter: float = 0.05,
     d = kernel.shape[0]
     if kernel.shape[1] != c * p:
         raise ValueError(f"{trunk.proj} has {kernel.shape[1]} outputs, the heads expect {c} x {p}")
+    # the model's output times `sign` is the engine's velocity (Z-Image predicts x0 - eps)
+    kernel, bias = kernel * trunk.sign, bias * trunk.sign
     noise = np.asarray(jax.random.normal(key, (k, c, 1)), np.float32) * jitter  # one draw per (component, channel)
-    means_bias = (np.tile(bias, k).reshape(k, c, p) + noise).reshape(-1)
+    if trunk.order == "pc":  # channel-last token features (Z-Image): the same draws, broadcast over pixels
+        noise = noise.reshape(k, 1, c)
+    means_bias = (np.tile(bias, k).reshape(k, *((c, p) if trunk.order == "cp" else (p, c))) + noise).reshape(-1)
     lo, hi = gamma_range
     rates = np.log(np.logspace(np.log10(lo), np.log10(hi), k - 1)) if k > 1 else np.zeros(0)
     heads = {"means": {"kernel": np.tile(kernel, (1, k)), "bias": means_bias.astype(np.float32)},
@@ -140,7 +91,7 @@ def init_heads(model, trunk, num_components: int, key, *, jitter: float = 0.05,
 
 
 def apply_heads(heads, gamma, h, trunk) -> A.Policy:
-    """The policy from hidden states `[B, *T, D]`."""
+    """The policy from hidden states `[B, *T, D]`, in token layout `[B, *T, K, C, P]` (see `policy_of`)."""
     c, p = trunk.channels, trunk.pixels
     lead = h.shape[:-1]
 
@@ -152,7 +103,14 @@ def apply_heads(heads, gamma, h, trunk) -> A.Policy:
     logits = lin(heads["logits"], h).reshape(*lead, k, 1, p)
     rates = lin(gamma, h).reshape(*lead, k - 1, 1, p)
     rates = jnp.concatenate([jnp.zeros((*lead, 1, 1, p), F32), rates], axis=-3)
+    if trunk.order == "pc":
+        means = jnp.swapaxes(means.reshape(*lead, k, p, c), -1, -2)
     return A.Policy(means.reshape(*lead, k, c, p), logits, rates)
+
+
+def policy_of(heads, gamma, model, trunk, x, sigma, cond) -> A.Policy:
+    """The policy at `(x, sigma)` in `x`'s own layout (what `turbojax.distill.arcflow` integrates)."""
+    return trunk.arrange(apply_heads(heads, gamma, trunk.hidden(model, x, sigma, cond), trunk), x.shape)
 
 
 def with_full(state: nnx.State, full: Mapping) -> nnx.State:
@@ -223,7 +181,7 @@ def student_fn(nets, trunk):
     """`(trainable, frozen, x, sigma, cond) -> Policy`: trunk + LoRA (unmerged), fully trained modules, heads."""
     def fn(trainable, frozen, x, sigma, cond):
         model = nets.role("student", with_full(frozen, trainable["heads"].get("full", {})), trainable["student"])
-        return apply_heads(trainable["heads"], trainable["gamma"], trunk.hidden(model, x, sigma, cond), trunk)
+        return policy_of(trainable["heads"], trainable["gamma"], model, trunk, x, sigma, cond)
     return fn
 
 
@@ -236,7 +194,7 @@ def build_method(cfg, base_model, latent_shape, rng, *, cap_len=None):
     from turbojax.distill.nets import Nets
     from turbojax.lora import unmerged
 
-    trunk = trunk_for(base_model, latent_shape)
+    trunk = trunk_for(base_model, latent_shape, cap_len)
     s = settings_of(cfg)
     graphdef, frozen = nnx.split(base_model)
     k_lora, k_heads = jax.random.split(rng)
@@ -298,7 +256,7 @@ def student_of(method, base, state, use_ema: bool = True) -> "ArcFlowStudent":
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _sample(graphdef, trunk, sigmas, state, heads, gamma, x, cond):
     model = nnx.merge(graphdef, state)
-    return A.sample(lambda xx, s: apply_heads(heads, gamma, trunk.hidden(model, xx, s, cond), trunk), x, sigmas)
+    return A.sample(lambda xx, s: policy_of(heads, gamma, model, trunk, xx, s, cond), x, sigmas)
 
 
 class ArcFlowStudent:
@@ -326,13 +284,28 @@ class ArcFlowStudent:
     def policy(self, x, sigma, cond) -> A.Policy:
         model = nnx.merge(self.graphdef, self.state)
         sigma = jnp.broadcast_to(jnp.asarray(sigma, F32).reshape(-1), (x.shape[0],))
-        return apply_heads(self.heads, self.gamma, self.trunk.hidden(model, jnp.asarray(x, F32), sigma, cond),
-                           self.trunk)
+        return policy_of(self.heads, self.gamma, model, self.trunk, jnp.asarray(x, F32), sigma, cond)
 
-    def sample(self, x_T, cond, sigmas=None):
+    def sample(self, x_T, cond, sigmas=None, *, trunk=None):
+        """`x_T` in the model's latent layout; `cond` `{"ctx", "mask"}` (Z-Image also `{"caps": [L_i, D] list}`);
+        `trunk`: this student's trunk with another patch grid (Qwen-Image at another resolution)."""
         s = self.sigmas if sigmas is None else tuple(float(v) for v in sigmas)
-        cond = {k: jnp.asarray(v) for k, v in cond.items() if v is not None}
-        return _sample(self.graphdef, self.trunk, s, self.state, self.heads, self.gamma, jnp.asarray(x_T, F32), cond)
+        cond = {k: tuple(jnp.asarray(a) for a in v) if isinstance(v, (list, tuple)) else jnp.asarray(v)
+                for k, v in cond.items() if v is not None}
+        return _sample(self.graphdef, trunk or self.trunk, s, self.state, self.heads, self.gamma,
+                       jnp.asarray(x_T, F32), cond)
+
+    def model(self):
+        """The trunk as a module: base + merged LoRA + the fully trained final AdaLN (shares this student's arrays)."""
+        return nnx.merge(self.graphdef, self.state)
+
+    def sigma_lists(self) -> dict[int, tuple[float, ...]]:
+        """Step count -> sigma list (final 0) this student offers: its own, and `arcflow.json`'s `alt_sigmas`."""
+        out = {len(self.sigmas) - 1: self.sigmas}
+        for lst in dict(self.settings.get("alt_sigmas") or {}).values():
+            lst = tuple(float(v) for v in lst)
+            out.setdefault(len(lst) - 1, lst)
+        return dict(sorted(out.items()))
 
 
 def _heads_tensors(heads, gamma, trunk) -> dict:
@@ -346,6 +319,11 @@ def _heads_tensors(heads, gamma, trunk) -> dict:
         out[f"{names[path]}.weight"] = np.ascontiguousarray(np.asarray(w["kernel"], np.float32).T)
         out[f"{names[path]}.bias"] = np.asarray(w["bias"], np.float32)
     return out
+
+
+def equal_raw_sigmas(steps: int, shift: float) -> list[float]:
+    """`steps` equal raw-time steps under the fixed `shift` (the reference's inference schedule), final 0."""
+    return [round(float(A.shift_sigma(1.0 - i / steps, shift)), 7) for i in range(steps)] + [0.0]
 
 
 def export_folder(folder, student: ArcFlowStudent, base, *, shift: float, extra: dict | None = None) -> list[Path]:
@@ -366,9 +344,11 @@ def export_folder(folder, student: ArcFlowStudent, base, *, shift: float, extra:
     data = save(_heads_tensors(student.heads, student.gamma, student.trunk), metadata={"format": "arcflow"})
     files.append(commit_file(folder / HEADS_FILE, lambda fh: fh.write(data)))
     t = student.trunk
-    settings = {"method": "arcflow", "num_components": student.num_components, "pixels": t.pixels,
-                "channels": t.channels, "shift": float(shift), "sigmas": list(student.sigmas),
-                "steps": len(student.sigmas) - 1,
+    n = len(student.sigmas) - 1
+    alt = {str(m): equal_raw_sigmas(m, shift) for m in (2, 4) if m != n}
+    settings = {"method": "arcflow", "family": t.family, "num_components": student.num_components,
+                "pixels": t.pixels, "channels": t.channels, "shift": float(shift), "sigmas": list(student.sigmas),
+                "steps": n, "alt_sigmas": alt,
                 "pipeline_sigmas": [round(unshift(s, shift), 7) for s in student.sigmas[:-1]],
                 "guidance": 1.0, "sampler": "ArcFlow analytic momentum step (one NFE per interval)",
                 "lora": LORA_FILE if has_lora else None, "heads": HEADS_FILE,
@@ -393,9 +373,18 @@ def load_student(folder, base, *, grid: tuple[int, int] | None = None) -> ArcFlo
     try:
         settings = json.loads(cfg_path.read_text())
         k, sigmas = int(settings["num_components"]), [float(s) for s in settings["sigmas"]]
-    except (ValueError, KeyError, TypeError) as e:
+        if settings.get("method", "arcflow") != "arcflow":
+            raise ValueError(f"method is {settings.get('method')!r}")
+        for lst in [sigmas] + [list(v) for v in dict(settings.get("alt_sigmas") or {}).values()]:
+            A.ArcFlowSettings(sigmas=tuple(float(v) for v in lst if float(v) > 0)).check()
+            if float(lst[-1]) != 0.0:
+                raise ValueError(f"sigma list {lst} must end in 0")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ArcFlowFormatError(f"{cfg_path}: not an ArcFlow config ({e})") from None
     trunk = trunk_for(base)
+    if settings.get("family", trunk.family) != trunk.family:  # folders exported before the key: channels decide
+        raise ArcFlowFormatError(f"{cfg_path}: heads for a {settings['family']} model, the base model is "
+                                 f"{trunk.family}")
     if grid is not None:
         trunk = dataclasses.replace(trunk, grid=tuple(grid))
     if (settings.get("pixels"), settings.get("channels")) != (trunk.pixels, trunk.channels):
@@ -431,6 +420,41 @@ def load_student(folder, base, *, grid: tuple[int, int] | None = None) -> ArcFlo
         except (lora.LoraFormatError, OSError) as e:
             raise ArcFlowFormatError(f"{folder / settings['lora']}: {e}") from None
     return ArcFlowStudent(base, adapter, heads, gamma, trunk, sigmas=sigmas, settings=settings)
+
+
+class PipelineSampler:
+    """The sampling loop of a text-to-image pipeline holding an ArcFlow student (`turbojax.pipelines`
+    `from_diffusers(..., arcflow=DIR)`): one NFE per interval of a sigma list of the folder (or the caller's), the
+    analytic step in between, no CFG (the student imitates the teacher's guided velocity)."""
+
+    def __init__(self, student: ArcFlowStudent, folder=""):
+        self.student, self.folder = student, str(folder)
+
+    def schedule(self, steps: int | None, sigmas=None) -> np.ndarray:
+        """fp32 sigmas ending in 0: the caller's `sigmas`, else the folder's list of `steps` steps (its own when
+        None). Raises ValueError naming the lists the folder has."""
+        from turbojax import schedules
+        if sigmas is not None and len(sigmas):
+            return schedules.explicit_sigmas(sigmas)
+        lists = self.student.sigma_lists()
+        n = len(self.student.sigmas) - 1 if steps is None else int(steps)
+        if n not in lists:
+            raise ValueError(f"ArcFlow folder {self.folder}: sigma lists for {sorted(lists)} steps, not {n}; pass "
+                             "explicit sigmas for another step count")
+        return np.asarray(lists[n], np.float32)
+
+    def denoise(self, pipe, latents, cond, sigmas, *, height: int, width: int):
+        """Latents in the pipeline's layout -> fp32 latents in that layout (Z-Image `[B, C, H/8, W/8]` gets a frame
+        axis for the trunk)."""
+        st = self.student
+        sig = tuple(float(v) for v in np.asarray(sigmas, np.float32))
+        dt = st.model().dtype
+        if pipe.family == "qwen_image":
+            embeds, mask = cond
+            trunk = dataclasses.replace(st.trunk, grid=(height // 16, width // 16))
+            return st.sample(latents, {"ctx": jnp.asarray(embeds, dt), "mask": mask}, sig, trunk=trunk)
+        caps = [jnp.asarray(c, dt) for c in cond]
+        return st.sample(jnp.asarray(latents, F32)[:, :, None], {"caps": caps}, sig)[:, :, 0]
 
 
 def _export_hook(method, workdir, state, base, cfg, step):

@@ -332,12 +332,15 @@ class ZImageTransformer(nnx.Module):
         self.final_linear = Linear(d, cfg.patch_dim, axes=("embed", "patch"), **kw)
 
     # ---- pure forward on arrays (traced under jit) ----
-    def forward(self, x: Sequence[jax.Array], t: jax.Array, cap_feats: Sequence[jax.Array], taps: Sequence[int] = ()):
+    def forward(self, x: Sequence[jax.Array], t: jax.Array, cap_feats: Sequence[jax.Array], taps: Sequence[int] = (),
+                return_hidden: bool = False):
         """Per-sample latents `[C, F, H, W]`, `t [B]` (= 1 - sigma), per-sample captions `[L_i, cap_feat_dim]`.
 
         With `taps` (0-based indices into the main `layers` stack) returns `(outputs, features)`: features[j] holds
         the image tokens `[B, N_img, dim]` of the unified stream after `layers[taps[j]]` (all samples must then
-        share one latent size)."""
+        share one latent size). `return_hidden=True` returns, in place of the outputs, what `final_linear` reads:
+        the image tokens after the final AdaLN `[B, N_img, dim]` in patchify order (one latent size across the
+        batch), for heads that replace the output layer (ArcFlow)."""
         from turbojax.models.qwen_image import check_taps
         cfg, dt = self.config, self.dtype
         taps = check_taps(taps, cfg.n_layers)
@@ -377,13 +380,17 @@ class ZImageTransformer(nnx.Module):
         (uni,), feats = res if taps else (res, None)
 
         scale = 1.0 + self.final_mod(jax.nn.silu(adaln))[:, None, :]
-        out = self.final_linear(layer_norm(uni, 1e-6) * scale)
-        outs = [unpatchify(out[i, :n], size, c, p, pf) for i, (n, size) in enumerate(zip(plan.n_img, plan.sizes))]
+        hidden = layer_norm(uni, 1e-6) * scale
+        if (taps or return_hidden) and len(set(plan.n_img)) != 1:
+            raise ValueError(f"feature taps and return_hidden need one latent size across the batch, got "
+                             f"{sorted(set(plan.sizes))}")
+        if return_hidden:
+            outs = hidden[:, :plan.n_img[0]]  # the image rows come first in each sample's unified sequence
+        else:
+            out = self.final_linear(hidden)
+            outs = [unpatchify(out[i, :n], size, c, p, pf) for i, (n, size) in enumerate(zip(plan.n_img, plan.sizes))]
         if not taps:
             return outs
-        if len(set(plan.n_img)) != 1:
-            raise ValueError(f"feature taps need one latent size across the batch, got {sorted(set(plan.sizes))}")
-        # the image rows come first in each sample's unified sequence
         return outs, [f[:, :plan.n_img[0]] for f in feats]
 
     def __call__(self, x, t, cap_feats, return_dict: bool = True, controlnet_block_samples=None, siglip_feats=None,
