@@ -177,6 +177,41 @@ def test_train_py_turbopp_lowers_its_loss_exports_and_resumes_exactly(tmp_path):
     assert after < before, (before, after)
 
 
+@pytest.mark.slow
+def test_train_py_full_blocks_only_resumes_exactly_and_samples_from_the_export(tmp_path):
+    """train.py on the digits demo with per-step full copies of block 0 and no LoRA: exact resume, only
+    `step{k}_blocks.safetensors` exported, and sample.py's loader draws the grid train.py drew in memory."""
+    from PIL import Image
+    from safetensors.numpy import load_file
+
+    from turbojax.digits import cli as digits_cli
+    from turbojax.digits import model as digits_model
+    from turbojax.digits import training as digits_training
+    teacher = digits_teacher(tmp_path)
+    extra = ["--config.turbopp.teacher_steps", "4", "--config.ttur_ratio", "1", "--config.lora.student.targets", "",
+             "--config.turbopp.full_blocks", r"transformer_blocks\.0\..*", "--config.opt.blocks.lr", "1e-3",
+             "--config.data.teacher_samples_per_class", "2"]
+    wa, wb = tmp_path / "a", tmp_path / "b"
+    r = train("configs/digits_turbopp.py", teacher, wa, 6, *extra)
+    assert "student_1_blocks" in r.stdout and "'student_1'" not in r.stdout  # the groups train.py reports
+    train("configs/digits_turbopp.py", teacher, wb, 3, *extra)
+    assert "resumed from step 3" in train("configs/digits_turbopp.py", teacher, wb, 6, *extra).stdout
+    settings = json.loads((wa / "sampler.json").read_text())
+    assert [sorted(e) for e in settings["step_adapters"]] == [["blocks", "sigma", "step"]] * 2
+    assert not list(wa.glob("lora*.safetensors"))
+    t1, t2 = (load_file(wa / f"step{k}_blocks.safetensors") for k in (1, 2))
+    assert t1.keys() == t2.keys() and all(k.startswith("transformer_blocks.0.") for k in t1)
+    assert "transformer_blocks.0.attn.to_q.weight" in t1 and any(not np.array_equal(t1[k], t2[k]) for k in t1)
+    for k, v in t1.items():
+        np.testing.assert_array_equal(v, load_file(wb / "step1_blocks.safetensors")[k], err_msg=k)
+
+    base = digits_model.load_teacher(str(teacher))
+    sample, steps, _ = digits_cli.load_student(base, wa)
+    assert steps == 2
+    grid = np.asarray(Image.open(wa / "samples.png"))
+    np.testing.assert_array_equal(digits_training.tile(sample(np.tile(np.arange(10), 4), 0), 10)[..., 0], grid)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # sample.py --lora-step (the per-step sampler for pipelines)
 # --------------------------------------------------------------------------------------------------------------
