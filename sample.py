@@ -203,6 +203,48 @@ def check_lora_file(path: str, family: str, flag: str = "--lora") -> None:
         fail(f"{flag} {path}: cannot read it ({e.strerror or e})")
 
 
+def read_arcflow(spec: str, family: str, channels: int | None) -> dict:
+    """`--arcflow DIR`: the folder's arcflow.json, checked against the pipeline before loading anything heavy
+    (the tensors are checked against the model when the student is loaded)."""
+    from turbojax.distill.arcflow_heads import CONFIG_FILE, HEADS_FILE
+    folder = Path(spec)
+    if not folder.is_dir():
+        fail(f"--arcflow {spec}: " + ("not a folder (an ArcFlow folder holds arcflow.json, heads.safetensors and "
+                                      "usually lora.safetensors)" if folder.exists() else "folder not found"))
+    cfg_path = folder / CONFIG_FILE
+    if not cfg_path.is_file():
+        fail(f"--arcflow {spec}: not an ArcFlow folder (no {CONFIG_FILE}; train.py writes one with "
+             "configs/*_arcflow.py)")
+    try:
+        settings = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as e:
+        fail(f"--arcflow {cfg_path}: not a readable JSON file ({e})")
+    if not isinstance(settings, dict) or settings.get("method") != "arcflow":
+        fail(f"--arcflow {cfg_path}: not an ArcFlow config (method "
+             f"{settings.get('method') if isinstance(settings, dict) else None!r}, expected 'arcflow')")
+    if not (folder / HEADS_FILE).is_file():
+        fail(f"--arcflow {spec}: {HEADS_FILE} missing")
+    made_for = settings.get("family")
+    if made_for is not None and made_for != family:
+        fail(f"--arcflow {spec} was made for a {made_for} model, but --model is a {family} pipeline")
+    if channels is not None and settings.get("channels") != channels:
+        fail(f"--arcflow {spec}: heads for {settings.get('channels')} latent channels, --model has {channels}")
+    return settings
+
+
+def arcflow_steps(settings: dict, spec: str, steps: int | None) -> int:
+    """The step count of an ArcFlow folder's sigma list (`--steps` picks among its lists)."""
+    try:
+        lists = {len(settings["sigmas"]) - 1} | {len(v) - 1 for v in dict(settings.get("alt_sigmas") or {}).values()}
+    except (KeyError, TypeError, ValueError) as e:
+        fail(f"--arcflow {spec}: arcflow.json has no readable sigma lists ({e})")
+    own = len(settings["sigmas"]) - 1
+    if steps is not None and steps not in lists:
+        fail(f"--steps {steps}: the ArcFlow folder {spec} has sigma lists for {sorted(lists)} steps; give --sigmas "
+             "for another count")
+    return own if steps is None else steps
+
+
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -323,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-step", action="append", default=[],
                    help="STEP:FILE[:SCALE], one per step: step STEP (1-based) runs with this LoRA (per-step students "
                         "such as Turbo++'s lora_step1/2.safetensors; see their sampler.json)")
+    p.add_argument("--arcflow", metavar="DIR",
+                   help="an ArcFlow student folder (arcflow.json, heads.safetensors, lora.safetensors) for --model's "
+                        "family: sampled with its policy over the folder's sigma list (--steps picks another list "
+                        "it holds, --sigmas any); no CFG; the preset's steps, sigmas and guidance are not used")
     p.add_argument("--noise", help=".npy/.npz initial latents for all images: the pipeline's layout or the "
                                    "unpacked [N, 16, H/8, W/8] / [N, 16, 1, H/8, W/8]")
     p.add_argument("--batch-size", type=positive_int, default=1)
@@ -344,6 +390,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.model is None and args.lora_step:
         fail("--lora-step needs --model (a pipeline folder)")
+    if args.model is None and args.arcflow is not None:
+        fail("--arcflow needs --model (a pipeline folder)")
     if args.model is None:
         from turbojax.digits import cli as digits_cli
         return digits_cli.run(args, fail)
@@ -368,16 +416,33 @@ def main(argv=None) -> int:
     check_config(cfg, spec, family)
     width = cfg.width if args.width is None else args.width
     height = cfg.height if args.height is None else args.height
+    arcflow = None
+    if args.arcflow is not None:
+        if args.lora_step:
+            fail("--arcflow and --lora-step do not combine (an ArcFlow student has one trunk LoRA and its heads)")
+        arcflow = read_arcflow(args.arcflow, family, latent_channels(model, family))
+        if args.guidance is not None and (args.guidance > 1.0 if family == "qwen_image" else args.guidance > 0.0):
+            fail(f"--guidance {args.guidance}: an ArcFlow student samples without CFG (it learnt the teacher's "
+                 "guided velocity); leave --guidance out")
     if args.sigmas is not None:
         sigmas, source = parse_sigmas(args.sigmas, "--sigmas"), f"--sigmas {args.sigmas}"
+    elif arcflow is not None:
+        sigmas, source = None, ""
     elif len(cfg.sigmas):
         sigmas, source = parse_sigmas(cfg.sigmas, f"--config {spec}: sigmas"), f"the sigmas of --config {spec}"
     else:
         sigmas, source = None, ""
     if sigmas is not None and args.steps is not None and args.steps != len(sigmas) - 1:
         fail(f"--steps {args.steps} does not match {source} ({len(sigmas) - 1} steps: {sigmas}); give one of them")
-    steps = len(sigmas) - 1 if sigmas is not None else (cfg.steps if args.steps is None else args.steps)
+    if sigmas is not None:
+        steps = len(sigmas) - 1
+    elif arcflow is not None:
+        steps = arcflow_steps(arcflow, args.arcflow, args.steps)
+    else:
+        steps = cfg.steps if args.steps is None else args.steps
     guidance = cfg.guidance if args.guidance is None else args.guidance
+    if arcflow is not None:
+        guidance = 1.0 if family == "qwen_image" else 0.0  # what the pipeline runs: no CFG
     negative = cfg.negative_prompt if args.negative_prompt is None else args.negative_prompt
     prompts = read_prompts(args)
     if args.seed + len(prompts) - 1 >= SEED_LIMIT:
@@ -402,11 +467,14 @@ def main(argv=None) -> int:
 
     from turbojax.pipelines import from_diffusers
     from turbojax.utils import progress_bar
+    from turbojax.distill.arcflow_heads import ArcFlowFormatError
     try:
-        pipe = from_diffusers(model, loras=loras, dtype=jnp.dtype(args.dtype))
+        pipe = from_diffusers(model, loras=loras, dtype=jnp.dtype(args.dtype), arcflow=args.arcflow)
         if step_loras:
             from turbojax.distill.turbopp import per_step_pipeline
             pipe = per_step_pipeline(pipe, step_loras)
+    except ArcFlowFormatError as e:
+        fail(f"--arcflow {e}")
     except (PipelineError, FileNotFoundError) as e:
         fail(str(e))
     except ValueError as e:  # our loaders' errors (ConfigError, SafetensorsError, ConversionError, ...)
@@ -429,13 +497,14 @@ def main(argv=None) -> int:
             else:
                 z = np.concatenate([np.asarray(pipe.noise(args.seed + i, 1, height, width)) for i in idx])
             images.append(pipe([prompts[i] for i in idx], negative_prompt=negative or None, steps=steps,
-                               guidance=guidance, width=width, height=height, noise=z, sigmas=sigmas,
+                               guidance=None if arcflow is not None else guidance, width=width, height=height, noise=z, sigmas=sigmas,
                                scheduler=cfg.scheduler or None, max_sequence_length=cfg.max_sequence_length,
-                               cfg_normalization=cfg.cfg_normalization, cfg_truncation=cfg.cfg_truncation,
+                                   cfg_normalization=cfg.cfg_normalization, cfg_truncation=cfg.cfg_truncation,
                                tiled_decode=True if args.tiled_decode else None))
             metas += [dict(prompt=prompts[i], seed=args.seed + i, steps=steps, guidance=guidance, model=model.name,
                            loras=lora_meta, **({"noise": f"{Path(args.noise).name}[{i}]"} if noise is not None
-                                               else {}))
+                                               else {}),
+                           **({"arcflow": Path(args.arcflow).name} if arcflow is not None else {}))
                       for i in idx]
     except PipelineError as e:
         fail(str(e))

@@ -5,6 +5,10 @@ and Z-Image(-Turbo), equal to diffusers' `QwenImagePipeline` / `ZImagePipeline` 
                                              dtype=jnp.bfloat16)
     images = pipe(["a red fox in snow"], steps=2, guidance=1.0, sigmas=[1.0, 0.75], seed=0)  # uint8 [N, H, W, 3]
 
+    pipe = turbojax.pipelines.from_diffusers("Qwen-Image-2512", arcflow="runs/arcqwen")    # an ArcFlow student
+    images = pipe(["a red fox in snow"], seed=0)             # the folder's sigma list (2 NFE), analytic steps
+    images = pipe(["a red fox in snow"], steps=4, seed=0)    # its 4-step list (arcflow.json `alt_sigmas`)
+
 Each stage (text encoding, the sampling loop, VAE decode) is a jitted function compiled once per shape; calls with
 new prompts of the same batch size and bucketed length reuse the compiled code.
 """
@@ -61,6 +65,9 @@ class Text2ImagePipeline:
     tokenizer: Any
     scheduler: schedules.SchedulerConfig
     name: str = ""
+    # replaces the Euler loop when set: `schedule(steps, sigmas) -> sigmas` and `denoise(pipe, latents, cond,
+    # sigmas, height=, width=) -> latents` (an ArcFlow student: `turbojax.distill.arcflow_heads.PipelineSampler`)
+    sampler: Any = None
 
     # ---- stages ----
     def encode_prompts(self, prompts: Sequence[str], max_sequence_length: int = 512):
@@ -86,6 +93,8 @@ class Text2ImagePipeline:
 
     def denoise(self, latents, cond, neg, sigmas, *, height, width, guidance, cfg_normalization=0.0,
                 cfg_truncation=1.0):
+        if self.sampler is not None:
+            return self.sampler.denoise(self, latents, cond, sigmas, height=height, width=width)
         if self.family == "qwen_image":
             (embeds, mask), (nembeds, nmask) = cond, (neg or (None, None))
             return sampling.sample_qwen_image(self.transformer, latents, embeds, sigmas, height=height, width=width,
@@ -111,15 +120,29 @@ class Text2ImagePipeline:
 
     # ---- all together ----
     def __call__(self, prompts: str | Sequence[str], *, negative_prompt: str | Sequence[str] | None = None,
-                 steps: int = 8, guidance: float = 1.0, width: int = 1024, height: int = 1024, seed: int = 0,
+                 steps: int | None = None, guidance: float | None = None, width: int = 1024, height: int = 1024,
+                 seed: int = 0,
                  noise=None, sigmas=None, scheduler: str | None = None, max_sequence_length: int = 512,
                  cfg_normalization: float = 0.0, cfg_truncation: float = 1.0, tiled_decode: bool | None = None,
                  timings: dict | None = None) -> np.ndarray:
-        """uint8 images `[N, H, W, 3]` for `prompts` (one image each). `guidance` is the Qwen `true_cfg_scale`
-        (CFG when > 1 and a negative prompt is given) or the Z-Image `guidance_scale` (CFG when > 0)."""
+        """uint8 images `[N, H, W, 3]` for `prompts` (one image each). `guidance` (default 1) is the Qwen
+        `true_cfg_scale` (CFG when > 1 and a negative prompt is given) or the Z-Image `guidance_scale` (CFG when > 0);
+        `steps` defaults to 8.
+
+        With a `sampler` (an ArcFlow folder) the sigmas are the folder's list of `steps` steps (default: the one it
+        was trained for) unless `sigmas` are given, `scheduler` is not used, and there is no CFG: `guidance`
+        must be left unset or off (<= 1 for Qwen-Image, 0 for Z-Image)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise PipelineError("no prompts given")
+        if self.sampler is not None:
+            if guidance is not None and (guidance > 1.0 if self.family == "qwen_image" else guidance > 0.0):
+                raise PipelineError(f"guidance {guidance}: an ArcFlow student samples without CFG (it learnt the "
+                                    "teacher's guided velocity); leave guidance unset")
+            guidance = 1.0 if self.family == "qwen_image" else 0.0
+        else:
+            steps = 8 if steps is None else steps
+            guidance = 1.0 if guidance is None else guidance
         if width % 16 or height % 16 or width <= 0 or height <= 0:
             raise PipelineError(f"width and height must be positive multiples of 16, got {width}x{height}")
         times = timings if timings is not None else {}
@@ -140,7 +163,13 @@ class Text2ImagePipeline:
         if tuple(latents.shape) != expected:
             raise PipelineError(f"noise has shape {tuple(latents.shape)}, expected {expected} for "
                                 f"{len(prompts)} images of {width}x{height}")
-        s = self.sigmas(steps, height, width, sigmas, scheduler)
+        if self.sampler is not None:
+            try:
+                s = self.sampler.schedule(steps, sigmas)
+            except ValueError as e:
+                raise PipelineError(str(e)) from None
+        else:
+            s = self.sigmas(steps, height, width, sigmas, scheduler)
         out = self.denoise(latents, cond, neg, s, height=height, width=width, guidance=guidance,
                            cfg_normalization=cfg_normalization, cfg_truncation=cfg_truncation)
         jax.block_until_ready(out)
@@ -158,11 +187,15 @@ class Text2ImagePipeline:
 
 def from_diffusers(folder, *, loras=(), dtype=jnp.float32, text_dtype=None, vae_dtype=jnp.float32,
                    scan_layers: bool = True, attention_impl: str = "auto", mesh=None,
-                   progress: bool = True) -> Text2ImagePipeline:
+                   progress: bool = True, arcflow=None) -> Text2ImagePipeline:
     """Load a local diffusers pipeline folder (or one exported by `python -m turbojax.convert to-jax`).
 
     `loras`: `[(file, scale), ...]` merged into the transformer; a LoRA made for another model family fails with
     an error naming the file and its first unknown module.
+    `arcflow`: an ArcFlow student folder (`lora.safetensors`, `heads.safetensors`, `arcflow.json`; README) for this
+    family: the pipeline then samples with its policy, analytically integrated over the folder's sigma list, and
+    its `transformer` is the student's trunk (base + `loras` + the folder's LoRA and final AdaLN). A folder made for
+    another family or latent size raises `ArcFlowFormatError` naming the file.
     """
     folder = Path(folder)
     family, _ = read_model_index(folder)
@@ -171,6 +204,12 @@ def from_diffusers(folder, *, loras=(), dtype=jnp.float32, text_dtype=None, vae_
     if transformer.family != family:
         raise PipelineError(f"{folder}/transformer holds a {transformer.family} model, expected {family}")
     transformer = _with_loras(transformer, loras, family)
+    sampler = None
+    if arcflow is not None:
+        from turbojax.distill import arcflow_heads
+        student = arcflow_heads.load_student(arcflow, transformer)
+        sampler = arcflow_heads.PipelineSampler(student, arcflow)
+        transformer = student.model()  # shares the student's arrays: the base is not kept twice
     text_encoder = models.from_diffusers(folder / "text_encoder", dtype=text_dtype or dtype,
                                          scan_layers=scan_layers, attention_impl=attention_impl, mesh=mesh,
                                          progress=progress)
@@ -179,7 +218,7 @@ def from_diffusers(folder, *, loras=(), dtype=jnp.float32, text_dtype=None, vae_
     if vae.family != expected_vae:
         raise PipelineError(f"{folder}/vae holds a {vae.family} model; {family} pipelines use {expected_vae}")
     return Text2ImagePipeline(family, transformer, vae, text_encoder, text.load_tokenizer(folder / "tokenizer"),
-                              schedules.SchedulerConfig.from_pretrained(folder), name=folder.name)
+                              schedules.SchedulerConfig.from_pretrained(folder), name=folder.name, sampler=sampler)
 
 
 def _with_loras(transformer, loras, family):
