@@ -5,21 +5,30 @@ The heads replace the output layer (Qwen-Image `proj_out`, Z-Image `final_linear
 (`forward(..., return_hidden=True)`); the per-family details (token layout, output sign, captions) are the trunks of
 `turbojax.distill.arcflow_trunks`:
 
-    means     D -> K * C * P   (K velocity means; init: the teacher's proj_out copied K times + N(0, jitter) bias
-                                per (component, channel), so every component starts as the teacher's velocity)
+    means     D -> K * C * P   (K velocity means; init: the teacher's output layer copied K times (negated for
+                                Z-Image, whose model predicts x0 - eps) + N(0, jitter) bias per (component, channel),
+                                so every component starts as the teacher's velocity v = eps - x0; per component in
+                                the replaced layer's order: Qwen-Image c * P + p, Z-Image p * C + c)
     logits    D -> K * P       (mixture logits per pixel; init 0: uniform weights)
     log-rates D -> (K - 1) * P (init: weight 0, bias = log of K-1 rates log-spaced in [0.2, 4]: decaying ...
                                 accelerating; component 0 has rate 1)
 
 Trainable groups of the engine: `student` (the trunk's LoRA: MLPs and the timestep embedder, attention frozen),
-`heads` (means, logits and the final AdaLN: Qwen-Image `norm_out`, Z-Image `final_mod`, trained fully) and `gamma` (the log-rate head, at its own lower LR).
+`heads` (means, logits and the final AdaLN: Qwen-Image `norm_out`, Z-Image `final_mod`, trained fully) and `gamma`
+(the log-rate head, at its own lower LR).
 
 Exported folder (`export_folder`, read back by `load_student`):
 
     lora.safetensors    the trunk LoRA, diffusers / PEFT layout (absent when the LoRA is still zero)
     heads.safetensors   torch layout (weight [out, in]) under the reference's names: proj_out_means.*,
-                        proj_out_logweights.*, proj_out_loggamma.*, and norm_out.linear.* (trained fully)
-    arcflow.json        num_components K, pixels P, channels C, shift, sigmas (the sampler's list, final 0), ...
+                        proj_out_logweights.*, proj_out_loggamma.*, and the final AdaLN (trained fully):
+                        norm_out.linear.* (Qwen-Image), all_final_layer.2-1.adaLN_modulation.1.* (Z-Image)
+    arcflow.json        method "arcflow", family, num_components K, pixels P, channels C, shift, sigmas (the list
+                        it was trained for, final 0), alt_sigmas {"steps": list} (equal raw steps under the shift),
+                        pipeline_sigmas (the list unshifted, for pipelines that shift), ...
+
+Pipelines sample a folder with `PipelineSampler` (`turbojax.pipelines.from_diffusers(..., arcflow=DIR)`,
+`sample.py --arcflow DIR`).
 """
 from __future__ import annotations
 
