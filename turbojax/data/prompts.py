@@ -1,4 +1,5 @@
-"""Prompt files: one prompt per line (`.txt`), or JSON Lines (`.jsonl`: `{"prompt": ..., "negative_prompt": ...}`).
+"""Prompt files: one prompt per line (`.txt`), or JSON Lines (`.jsonl`: `{"prompt": ..., "negative_prompt": ...,
+"image": ...}`; `image` a real image of the prompt, relative to the file's folder, for the latents cache).
 
 Blank lines are skipped and repeated prompts kept once (the first occurrence); a line that is not valid JSON, or a
 record without a non-empty string `prompt`, is an error naming the file and the line number.
@@ -20,6 +21,7 @@ class Prompts:
     negatives: list[str | None]  # per prompt, None: the config's negative prompt
     skipped_blank: int = 0
     skipped_duplicate: int = 0
+    images: tuple = ()  # per prompt, the JSONL `image` path or None (empty for .txt files)
 
 
 def read_prompts(path) -> Prompts:
@@ -31,13 +33,13 @@ def read_prompts(path) -> Prompts:
     except UnicodeDecodeError as e:
         raise PromptFileError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     jsonl = path.suffix.lower() in (".jsonl", ".json")
-    prompts, negatives, seen = [], [], set()
+    prompts, negatives, images, seen = [], [], [], set()
     blank = dup = 0
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             blank += 1
             continue
-        neg = None
+        neg = image = None
         if jsonl:
             try:
                 rec = json.loads(line)
@@ -49,6 +51,9 @@ def read_prompts(path) -> Prompts:
             neg = rec.get("negative_prompt")
             if neg is not None and not isinstance(neg, str):
                 raise PromptFileError(f"{path}:{n}: \"negative_prompt\" must be a string")
+            image = rec.get("image")
+            if image is not None and (not isinstance(image, str) or not image.strip()):
+                raise PromptFileError(f"{path}:{n}: \"image\" must be a non-empty path string")
         else:
             prompt = line.strip()
         if prompt in seen:
@@ -57,6 +62,7 @@ def read_prompts(path) -> Prompts:
         seen.add(prompt)
         prompts.append(prompt)
         negatives.append(neg)
+        images.append(image)
     if not prompts:
         raise PromptFileError(f"{path}: holds no prompts")
-    return Prompts(prompts, negatives, blank, dup)
+    return Prompts(prompts, negatives, blank, dup, tuple(images) if jsonl else ())

@@ -22,7 +22,14 @@ Every field, with the published values it follows (shared docs `distillation.md`
   gan.real_mix      fraction of D's reals drawn from real-image latents; the rest are teacher samples (Wuli mix)
   data.kind         "digits" (the embedded demo) or "prompts": data.prompts (.txt / .jsonl) encoded at start-up by
                     the pipeline's text encoder, data.negative_prompt for the teacher's CFG, data.width/height,
-                    data.teacher_samples generated with data.teacher_steps as the discriminator's reals
+                    data.teacher_samples generated with data.teacher_steps as the discriminator's reals; or "cache":
+                    the same inputs read from on-disk caches (`turbojax.cache`, built first when missing)
+  data.cache_dir    where the caches live (default: <workdir>/cache); keyed sub-folders, so runs can share one
+  data.images       a folder of real images (PNG/JPEG/WebP, recursive) for the latents cache (gan.real_mix > 0);
+                    JSONL prompt records may also name an `image`
+  data.latent_mode  "mean" (the VAE posterior mean) or "sample" (seeded by `seed`, per image)
+  data.cache_shard_size  records per shard; data.encode_batch  batch of the text encoder / VAE / teacher sampler
+  data.cache_bucket Qwen-Image text buckets (lengths rounded up to this); Z-Image batches use exact lengths
   ttur_ratio        critic turns per generator turn (FastGen: 5)
   ema_decay         EMA of the student LoRA (exported); 0 = no EMA
   opt.<group>.lr    per group: student, fake, disc; opt.warmup_steps, weight_decay, b1, b2, grad_clip
@@ -70,7 +77,8 @@ def dmd2_config() -> ml_collections.ConfigDict:
     # start-up by the pipeline's text encoder; D's reals are then teacher samples generated at start-up)
     c.data = ml_collections.ConfigDict(dict(kind="prompts", prompts="", negative_prompt=" ", max_sequence_length=512,
                                             teacher_samples=64, teacher_samples_per_class=16, teacher_steps=50,
-                                            width=1024, height=1024))
+                                            width=1024, height=1024, cache_dir="", images="", latent_mode="mean",
+                                            cache_shard_size=1024, encode_batch=16, cache_bucket=64))
     c.batch_size = 4
     c.total_steps = 5000
     c.log_every = 10

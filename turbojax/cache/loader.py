@@ -1,0 +1,138 @@
+"""Training batches read from the caches with grain, deterministic from (seed, stream, step).
+
+Same contract as `turbojax.data.batches.PromptBatches` (`batch(stream, step)` -> `ctx`, `mask`, `neg_ctx`,
+`neg_mask`, `real`, `prompt`), so the engine and the checkpoints do not change: the iterator state is the step
+number already in the checkpoint, and a resumed run reads exactly the batches of a straight run.
+
+Order. Prompts are grouped in length buckets (Qwen-Image: lengths rounded up to `bucket` tokens, the rest masked;
+Z-Image: exact lengths, because its caption pads are learned, attended tokens and padding would change its output).
+An epoch of a stream is a fixed number of batches: each bucket shuffled (seeded by seed, stream, epoch) and cut into
+batches of `batch_size` (the last one filled up with random members of its bucket), so every prompt is seen once per
+epoch and every batch has one caption length. Which batch comes at a step is grain's `IndexSampler` (a seeded
+shuffle of the epoch's batches, reshuffled every epoch); epoch = step // batches per epoch.
+
+Each host reads only its slice of every global batch (`process_index`, `process_count`): rows
+`[h * B/H, (h+1) * B/H)`. The prompt embeddings are read through a grain `MapDataset` over the memory-mapped shards.
+
+Z-Image's negative prompt: the teacher's CFG runs prompts and negatives in one batched pass, so a batch is as long
+as its longer side; a negative longer than the bucket pads the prompts of that batch (as the start-up path does).
+"""
+from __future__ import annotations
+
+import functools
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from turbojax.cache.records import LatentRecords, TextRecords
+
+
+class CacheBatches:
+    def __init__(self, text_folder, *, batch_size: int, seed: int = 0, teacher_folder=None, latents_folder=None,
+                 real_mix: float = 0.0, bucket: int = 64, process_index: int = 0, process_count: int = 1):
+        import grain
+        if batch_size < 1 or batch_size % process_count:
+            raise ValueError(f"batch_size {batch_size} must be a positive multiple of the {process_count} hosts")
+        if not 0.0 <= real_mix <= 1.0:
+            raise ValueError(f"real_mix must lie in [0, 1], got {real_mix}")
+        self.text = TextRecords(text_folder)
+        self.family = self.text.family
+        self.batch_size, self.seed, self.real_mix = int(batch_size), int(seed), float(real_mix)
+        self.host, self.hosts = int(process_index), int(process_count)
+        self.bucket = int(bucket) if self.family == "qwen_image" else 1
+        self._emb = grain.MapDataset.source(self.text).map(lambda e: np.asarray(e, np.float32))
+        lens = self.text.prompts.lengths
+        # rounding never goes past the longest record: a short max_sequence_length makes one bucket, not padding
+        self.longest = int(max(lens.max(), self.text.negatives.lengths.max()))
+        self.bucket_of = self._round(lens)
+        self.buckets = {int(b): np.flatnonzero(self.bucket_of == b) for b in np.unique(self.bucket_of)}
+        self.batches_per_epoch = sum(-(-len(m) // self.batch_size) for m in self.buckets.values())
+        self.pools = {}
+        for name, folder, kind in (("teacher", teacher_folder, "teacher"), ("real", latents_folder, "latents")):
+            if folder is not None:
+                recs = LatentRecords(folder, kind, "teacher" if kind == "teacher" else "real")
+                if len(recs):
+                    by = {int(p): np.flatnonzero(recs.prompt == p) for p in np.unique(recs.prompt) if p >= 0}
+                    self.pools[name] = (recs, by)
+        want = [n for n, share in (("real", self.real_mix), ("teacher", 1.0 - self.real_mix)) if share > 0]
+        if self.pools and any(n not in self.pools for n in want):
+            raise ValueError(f"the discriminator's reals need the pool(s) {[n for n in want if n not in self.pools]}"
+                             f" (real_mix={real_mix})")
+        neg_max = int(self._round(self.text.negatives.lengths).max())
+        self.cap_len = max(int(self.bucket_of.max()), neg_max)  # the longest batch any step can return
+
+    def _round(self, lens):
+        b = self.bucket
+        lens = np.asarray(lens, np.int64)
+        return np.minimum(-(-lens // b) * b, self.longest) if b > 1 else lens
+
+    @property
+    def num_prompts(self) -> int:
+        return self.text.num_prompts
+
+    def _stream_seed(self, stream: str) -> int:
+        return (self.seed * 1_000_003 + zlib.crc32(stream.encode())) % (2 ** 31 - 1)
+
+    @functools.lru_cache(maxsize=8)
+    def _plan(self, stream: str, epoch: int) -> np.ndarray:
+        """`[batches_per_epoch, batch_size]` prompt ids of one epoch, bucket by bucket (the sampler shuffles)."""
+        rng = np.random.default_rng([self.seed, zlib.crc32(stream.encode()), int(epoch)])
+        rows = []
+        for b in sorted(self.buckets):
+            m = rng.permutation(self.buckets[b])
+            n = -(-len(m) // self.batch_size) * self.batch_size
+            m = np.concatenate([m, rng.choice(self.buckets[b], n - len(m))])
+            rows.append(m.reshape(-1, self.batch_size))
+        return np.concatenate(rows)
+
+    @functools.lru_cache(maxsize=8)
+    def _sampler(self, stream: str):
+        import grain.python as gp
+        return gp.IndexSampler(num_records=self.batches_per_epoch, shard_options=gp.NoSharding(), shuffle=True,
+                               num_epochs=None, seed=self._stream_seed(stream))
+
+    def global_ids(self, stream: str, step: int) -> np.ndarray:
+        """The prompt ids of the whole (all hosts) batch of `stream` at `step`."""
+        meta = self._sampler(stream)[int(step)]
+        return self._plan(stream, int(step) // self.batches_per_epoch)[meta.record_key]
+
+    def _pad(self, rows, n: int):
+        out = np.zeros((len(rows), n, self.text.dim), np.float32)
+        mask = np.zeros((len(rows), n), np.float32)
+        for i, r in enumerate(rows):
+            out[i, :len(r)], mask[i, :len(r)] = r, 1.0
+        if self.family == "z_image":  # no caption mask: every column is a caption token (see the docstring)
+            mask[:] = 1.0
+        return out, mask
+
+    def _real(self, rng, prompt: int):
+        name = "real" if ("real" in self.pools and rng.random() < self.real_mix) or "teacher" not in self.pools \
+            else "teacher"
+        recs, by_prompt = self.pools[name]
+        idx = by_prompt.get(prompt)
+        return recs[rng.choice(idx) if idx is not None else rng.integers(len(recs))]
+
+    def batch(self, stream: str, step: int) -> dict[str, np.ndarray]:
+        ids = self.global_ids(stream, step)
+        k = self.batch_size // self.hosts
+        ids = ids[self.host * k:(self.host + 1) * k]
+        rows = [self._emb[int(p)] for p in ids]
+        negs = [np.asarray(self.text.negative_of(int(p)), np.float32) for p in ids]
+        n = int(max(self._round([len(r) for r in rows]).max(), self._round([len(r) for r in negs]).max()))
+        out = {"prompt": ids.astype(np.int64)}
+        out["ctx"], out["mask"] = self._pad(rows, n)
+        out["neg_ctx"], out["neg_mask"] = self._pad(negs, n)
+        if self.pools:
+            rng = np.random.default_rng([self.seed, zlib.crc32(stream.encode()), int(step), 1, self.host])
+            out["real"] = np.stack([np.asarray(self._real(rng, int(p)), np.float32) for p in ids])
+        return out
+
+
+def from_config(cfg, folders: dict[str, Path]) -> CacheBatches:
+    import jax
+    return CacheBatches(folders["text"], batch_size=int(cfg.batch_size), seed=int(cfg.seed),
+                        teacher_folder=folders.get("teacher"), latents_folder=folders.get("latents"),
+                        real_mix=float(cfg.gan.real_mix) if "latents" in folders else 0.0,
+                        bucket=int(cfg.data.cache_bucket), process_index=jax.process_index(),
+                        process_count=jax.process_count())
