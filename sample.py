@@ -190,6 +190,32 @@ def parse_lora_steps(specs: list[str], steps: int) -> list[tuple[str, float]]:
     return [by_step[i] for i in range(1, steps + 1)]
 
 
+def parse_blocks_steps(specs: list[str], steps: int) -> list[str]:
+    """`--blocks-step STEP:FILE` (a Turbo++ student's per-step full weights): one readable safetensors file per step
+    1..steps, in order (its tensors are checked against the model when it is loaded)."""
+    from turbojax.convert.safetensors_io import SafetensorsError, open_safetensors
+    by_step = {}
+    for spec in specs:
+        head, sep, rest = spec.partition(":")
+        if not sep or not head.isdigit() or not 1 <= int(head) <= steps:
+            fail(f"--blocks-step {spec}: expected STEP:FILE with STEP in 1..{steps} (the sampling steps)")
+        if int(head) in by_step:
+            fail(f"--blocks-step {spec}: step {head} has a blocks file already")
+        if not Path(rest).is_file():
+            fail(f"--blocks-step {rest}: file not found" + (" (it is a folder)" if Path(rest).is_dir() else ""))
+        by_step[int(head)] = rest
+    missing = [i for i in range(1, steps + 1) if i not in by_step]
+    if missing:
+        fail(f"--blocks-step: no blocks file for step(s) {missing} of {steps}; give one per step")
+    for path in by_step.values():
+        try:
+            open_safetensors(path)
+        except (SafetensorsError, OSError) as e:
+            why = str(e).removeprefix(f"{path}: ")
+            fail(f"--blocks-step {path}: not a readable safetensors file ({why})")
+    return [by_step[i] for i in range(1, steps + 1)]
+
+
 def check_lora_file(path: str, family: str, flag: str = "--lora") -> None:
     """Read the LoRA for the pipeline's family before loading the model: wrong family, pickles, non-safetensors and
     corrupt files fail here (shapes are checked against the model when it is merged)."""
@@ -365,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-step", action="append", default=[],
                    help="STEP:FILE[:SCALE], one per step: step STEP (1-based) runs with this LoRA (per-step students "
                         "such as Turbo++'s lora_step1/2.safetensors; see their sampler.json)")
+    p.add_argument("--blocks-step", action="append", default=[],
+                   help="STEP:FILE, one per step: step STEP (1-based) runs with the full weights of FILE in place "
+                        "(Turbo++'s step1/2_blocks.safetensors; with or without --lora-step)")
     p.add_argument("--arcflow", metavar="DIR",
                    help="an ArcFlow student folder (arcflow.json, heads.safetensors, lora.safetensors) for --model's "
                         "family: sampled with its policy over the folder's sigma list (--steps picks another list "
@@ -390,6 +419,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.model is None and args.lora_step:
         fail("--lora-step needs --model (a pipeline folder)")
+    if args.model is None and args.blocks_step:
+        fail("--blocks-step needs --model (a pipeline folder); a digits student folder loads with --student")
+    if args.blocks_step and args.arcflow is not None:
+        fail("--arcflow and --blocks-step do not combine (an ArcFlow student has one trunk LoRA and its heads)")
     if args.model is None and args.arcflow is not None:
         fail("--arcflow needs --model (a pipeline folder)")
     if args.model is None:
@@ -458,6 +491,7 @@ def main(argv=None) -> int:
     step_loras = parse_lora_steps(args.lora_step, steps) if args.lora_step else []
     for path, _ in step_loras:
         check_lora_file(path, family, "--lora-step")
+    step_blocks = parse_blocks_steps(args.blocks_step, steps) if args.blocks_step else []
     noise = None
     if args.noise is not None:
         raw = load_noise(args.noise)
@@ -470,9 +504,9 @@ def main(argv=None) -> int:
     from turbojax.distill.arcflow_heads import ArcFlowFormatError
     try:
         pipe = from_diffusers(model, loras=loras, dtype=jnp.dtype(args.dtype), arcflow=args.arcflow)
-        if step_loras:
+        if step_loras or step_blocks:
             from turbojax.distill.turbopp import per_step_pipeline
-            pipe = per_step_pipeline(pipe, step_loras)
+            pipe = per_step_pipeline(pipe, step_loras, step_blocks)
     except ArcFlowFormatError as e:
         fail(f"--arcflow {e}")
     except (PipelineError, FileNotFoundError) as e:
@@ -489,7 +523,8 @@ def main(argv=None) -> int:
                                                                                      args.batch_size)]
     images, metas = [], []
     lora_meta = ",".join([f"{Path(f).name}:{s}" for f, s in loras]
-                         + [f"step{i + 1}={Path(f).name}:{s}" for i, (f, s) in enumerate(step_loras)])
+                         + [f"step{i + 1}={Path(f).name}:{s}" for i, (f, s) in enumerate(step_loras)]
+                         + [f"step{i + 1}={Path(f).name}" for i, f in enumerate(step_blocks)])
     try:
         for idx in progress_bar(batches, desc="sampling", enabled=len(batches) > 1, unit="batch"):
             if noise is not None:

@@ -465,3 +465,57 @@ def test_full_blocks_train_resume_export_reload(family, tmp_path):
     np.testing.assert_allclose(np.asarray(x0), mem, atol=2e-5)
     # the copies matter: without them (LoRA only) the samples differ
     assert not np.allclose(_sample_steps(m, turbopp.step_models(model, adapters), noise, batch), mem, atol=1e-4)
+
+
+def test_blocks_step_flag_errors(tmp_path):
+    from test_sample_cli import base, run_error, stub_pipeline
+    stub = stub_pipeline(tmp_path)
+    a = tmp_path / "a.safetensors"
+    a.write_bytes(b"")
+    for extra, fragment in [
+            (["--blocks-step", f"1:{a}"], "no blocks file for step(s) [2]"),
+            (["--blocks-step", f"3:{a}", "--blocks-step", f"1:{a}"], "STEP in 1..2"),
+            (["--blocks-step", str(a)], "STEP:FILE"),
+            (["--blocks-step", f"1:{a}", "--blocks-step", f"1:{a}"], "step 1 has a blocks file already"),
+            (["--blocks-step", f"1:{tmp_path / 'missing.safetensors'}", "--blocks-step", f"2:{a}"], "not found"),
+            (["--blocks-step", f"1:{a}", "--blocks-step", f"2:{a}"], "not a readable safetensors file")]:
+        msg = run_error(*base(stub, tmp_path, "--sigmas", "1,0.75", *extra))
+        assert msg.startswith("error: --blocks-step") and fragment in msg, (extra, msg)
+    assert "--blocks-step needs --model" in run_error("--blocks-step", f"1:{a}")
+
+
+@pytest.mark.slow
+def test_blocks_step_samples_each_step_with_its_weights(tmp_path):
+    from test_pipeline_e2e import qwen_pipeline_torch
+    from test_sample_cli import generate
+
+    from turbojax import pipelines
+    from turbojax.distill import turbopp_blocks as TB
+    folder = tmp_path / "Qwen-Image-tiny"
+    qwen_pipeline_torch().save_pretrained(folder)
+    transformer = pipelines.from_diffusers(folder, progress=False).transformer
+    lay = TB.select(transformer, r"transformer_blocks\.0\..*")
+    same = TB.init_copies(nnx.split(transformer)[1], lay)  # the base's own weights
+    moved = {k: v + 0.05 * jax.random.normal(jax.random.key(i), v.shape) for i, (k, v) in enumerate(same.items())}
+    f0, f1 = tmp_path / "same.safetensors", tmp_path / "moved.safetensors"
+    TB.save(f0, transformer, lay, same)
+    TB.save(f1, transformer, lay, moved)
+
+    def images(name, *extra):
+        assert generate(folder, tmp_path / f"{name}.npz", "--sigmas", "1,0.75", *extra) == 0
+        return np.load(tmp_path / f"{name}.npz")["images"]
+    plain = images("plain")
+    # the base's own weights written back in place: exactly the base (names, layout and layers all line up)
+    np.testing.assert_array_equal(images("same", "--blocks-step", f"1:{f0}", "--blocks-step", f"2:{f0}"), plain)
+    first = images("first", "--blocks-step", f"1:{f1}", "--blocks-step", f"2:{f0}")
+    second = images("second", "--blocks-step", f"2:{f1}", "--blocks-step", f"1:{f0}")
+    assert not np.array_equal(first, plain) and not np.array_equal(second, plain)
+    assert not np.array_equal(first, second)
+    # a blocks file of another family: one error line naming it
+    wrong = tmp_path / "wrong.safetensors"
+    from safetensors.numpy import save_file
+    save_file({"layers.0.attention.to_q.weight": np.zeros((4, 4), np.float32)}, str(wrong))
+    from test_sample_cli import run_error
+    msg = run_error("--model", folder, "--prompt", "a", "--width", 32, "--height", 32, "--sigmas", "1,0.75",
+                    "--out", tmp_path / "w.png", "--blocks-step", f"1:{wrong}", "--blocks-step", f"2:{f0}")
+    assert str(wrong) in msg and "is not a parameter of this qwen_image transformer" in msg, msg
