@@ -11,6 +11,14 @@ runs both steps from pure noise with gradient through the step-1 output; losses:
 frozen-teacher features with teacher samples as the reals (`gan.real_mix` 0), and the step-1 regression to the
 teacher's CFG-3 Euler trajectory state at sigma 0.75 from the same noise (`turbopp.teacher_steps` 16 sub-steps on
 [0, 1]; 8 of them reach 0.75). The paper's unknowns are config switches (see `turbojax/distill/turbopp.py`).
+
+Per-step full copies of selected blocks instead of (or beside) the LoRAs, e.g. block 0 copied per step, no LoRA:
+
+    python train.py --config configs/digits_turbopp.py --config.lora.student.targets '' \
+        --config.turbopp.full_blocks 'transformer_blocks\.0\..*' --config.opt.blocks.lr 1e-4
+
+(exports `step1_blocks.safetensors`, `step2_blocks.safetensors`; `sample.py --student DIR` loads them). A module is
+either copied or LoRA-targeted; the targets above cover every block of the scanned stack, hence `''`.
 """
 from turbojax.distill.turbopp import turbopp_config
 
