@@ -278,7 +278,8 @@ def settings_from(cfg) -> TurboPPSettings:
         student_sigmas=tuple(float(x) for x in cfg.student.sigmas), shift=float(cfg.student.shift),
         teacher_steps=int(t.teacher_steps), real_cfg=float(t.teacher_cfg), cfg_rescale=bool(cfg.dmd.cfg_rescale),
         end_to_end=bool(t.end_to_end), remat=bool(t.remat), boundary_weight=float(t.boundary_weight),
-        final_weight=float(t.final_weight), dm_cfg=float(cfg.dmd.real_cfg), dm_weight=float(cfg.dmd.weight), dm_time=tuple(cfg.dmd.time),
+        final_weight=float(t.final_weight), dm_cfg=float(cfg.dmd.real_cfg), dm_weight=float(cfg.dmd.weight),
+        dm_time=tuple(cfg.dmd.time),
         dm_shift=float(cfg.dmd.time_shift), fake_time=tuple(cfg.fake.time), fake_shift=float(cfg.fake.time_shift),
         gan_weight=float(cfg.gan.weight), gan_d_weight=float(cfg.gan.d_weight), gan_time=tuple(cfg.gan.time),
         gan_shift=float(cfg.gan.time_shift))
@@ -288,9 +289,9 @@ def build(cfg, base_model, latent_shape, rng, *, cap_len=None):
     from flax import nnx
 
     from turbojax.distill import methods as M
+    from turbojax.distill import turbopp_blocks
     from turbojax.distill.denoiser import denoiser_for
     from turbojax.distill.engine import Turn, make_tx
-    from turbojax.distill import turbopp_blocks
     from turbojax.distill.pcm import feature_heads
     from turbojax.lora import unmerged
 
