@@ -116,7 +116,7 @@ def build(folder: Path, kind: str, fields: Mapping, tables: Mapping[str, int],
     """Build the missing shards of `folder` and return its manifest.
 
     `tables` maps a table name to its number of shards; `make_shard(table, i)` returns (arrays, summary) for shard
-    i: the arrays are written with the summary as safetensors metadata (string values), so that the final manifest
+    i: the arrays are written with the summary (JSON) as safetensors metadata, so that the final manifest
     can add the summaries of shards written by an earlier, killed run."""
     from safetensors.numpy import save
     from turbojax.utils import progress_bar
@@ -135,7 +135,7 @@ def build(folder: Path, kind: str, fields: Mapping, tables: Mapping[str, int],
         progress(f"resuming the {kind} cache in {folder}: {done} of {sum(tables.values())} shards already written")
     for table, i in progress_bar(todo, desc=desc or f"{kind} cache", unit="shard"):
         arrays, summary = make_shard(table, i)
-        meta = {k: json.dumps(v) for k, v in summary.items()}
+        meta = {"summary": json.dumps(summary, sort_keys=True)}  # one key: safetensors orders keys by hash
         data = save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=meta)
         atomic.commit_file(folder / shard_name(table, i), lambda f, d=data: f.write(d))
     man["summary"] = summarize(folder, tables)
@@ -152,8 +152,7 @@ def summarize(folder: Path, tables: Mapping[str, int]) -> dict:
         agg: dict = {}
         for i in range(n):
             with safe_open(str(folder / shard_name(table, i)), "np") as f:
-                for k, v in (f.metadata() or {}).items():
-                    v = json.loads(v)
+                for k, v in json.loads((f.metadata() or {}).get("summary", "{}")).items():
                     agg[k] = agg.get(k, [] if isinstance(v, list) else 0) + v
         out[table] = agg
     return out
