@@ -35,7 +35,7 @@ Layout = tuple
 
 
 class BlocksFileError(ValueError):
-    """A per-step blocks file that does not fit the model (unknown, mis-shaped or missing tensors)."""
+    """A per-step blocks file that does not fit the model (a tensor it does not have or of another shape, or none)."""
 
 
 def _family(model):
