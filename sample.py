@@ -532,9 +532,10 @@ def main(argv=None) -> int:
             else:
                 z = np.concatenate([np.asarray(pipe.noise(args.seed + i, 1, height, width)) for i in idx])
             images.append(pipe([prompts[i] for i in idx], negative_prompt=negative or None, steps=steps,
-                               guidance=None if arcflow is not None else guidance, width=width, height=height, noise=z, sigmas=sigmas,
-                               scheduler=cfg.scheduler or None, max_sequence_length=cfg.max_sequence_length,
-                                   cfg_normalization=cfg.cfg_normalization, cfg_truncation=cfg.cfg_truncation,
+                               guidance=None if arcflow is not None else guidance, width=width, height=height,
+                               noise=z, sigmas=sigmas, scheduler=cfg.scheduler or None,
+                               max_sequence_length=cfg.max_sequence_length,
+                               cfg_normalization=cfg.cfg_normalization, cfg_truncation=cfg.cfg_truncation,
                                tiled_decode=True if args.tiled_decode else None))
             metas += [dict(prompt=prompts[i], seed=args.seed + i, steps=steps, guidance=guidance, model=model.name,
                            loras=lora_meta, **({"noise": f"{Path(args.noise).name}[{i}]"} if noise is not None
