@@ -14,7 +14,9 @@ Rows:
   * `teacher (K steps, CFG w)`: the shipped teacher, shift-3 Euler schedule, true CFG against the empty prompt;
   * `naive 2-step Euler`: the same teacher on the students' sigma list [1, 0.75, 0], same CFG;
   * students: `add_student(rows, name, sample, train_s_per_step)` (what `train.py` trains plugs in there; see
-    `student_rows`).
+    `student_rows`). `--student NAME=DIR1,DIR2,DIR3` makes one row of several independently trained students
+    (training seeds): run k samples student k mod n with noise seed k, so the row's spread covers both the
+    training seed and the noise.
 
     python bench/distill_quality.py                       # 3 seeds x 1,000 digits per row
     python bench/distill_quality.py --num 200 --seeds 2 --json out.json
@@ -74,14 +76,22 @@ def base_rows(teacher, *, steps: int, guidance: float, real: bool = True) -> lis
 
 
 def student_rows(teacher, students: dict | None = None) -> list:
-    """One row per student `{name: folder}`; default: every shipped student (turbojax/digits/assets/students)."""
+    """One row per student `{name: folder or [folders]}` (several folders: training seeds, see the module doc);
+    default: every shipped student (turbojax/digits/assets/students)."""
     from turbojax.digits import cli
     if students is None:
         students = {name: cli.STUDENTS / name for name in cli.shipped()}
     rows = []
-    for name, folder in students.items():
-        sample, _, per_step = cli.load_student(teacher, folder)
-        add_student(rows, name, sample, per_step)
+    for name, folders in students.items():
+        folders = [folders] if isinstance(folders, (str, Path)) else list(folders)
+        loaded = [cli.load_student(teacher, f) for f in folders]
+        samplers = [s for s, _, _ in loaded]
+        per_step = [t for _, _, t in loaded if t is not None]
+
+        def sample(lab, seed, samplers=samplers):
+            return samplers[(seed // SEED_STRIDE) % len(samplers)](lab, seed)
+        add_student(rows, name if len(folders) == 1 else f"{name} ({len(folders)} training seeds)", sample,
+                    float(np.mean(per_step)) if per_step else None)
     return rows
 
 
@@ -135,8 +145,9 @@ def main(argv=None, extra_rows: list | None = None) -> list:
     p.add_argument("--guidance", type=float, default=dmodel.TEACHER_GUIDANCE)
     p.add_argument("--no-real", action="store_true", help="leave out the real-digits floor row")
     p.add_argument("--json", default=None, help="also write the results (per-seed runs included) to this file")
-    p.add_argument("--student", action="append", default=[], metavar="NAME=DIR",
-                   help="a student trained by train.py (its workdir); repeatable. Default: the shipped students")
+    p.add_argument("--student", action="append", default=[], metavar="NAME=DIR[,DIR...]",
+                   help="a student trained by train.py (its workdir), or several (training seeds: one row); "
+                        "repeatable. Default: the shipped students")
     a = p.parse_args(argv)
     if a.num < 2 * data.NUM_CLASSES:
         fail(f"--num must be at least {2 * data.NUM_CLASSES} (two digits per class), got {a.num}")
@@ -154,10 +165,15 @@ def main(argv=None, extra_rows: list | None = None) -> list:
     if a.student:
         students = {}
         for spec in a.student:
-            name, eq, folder = spec.partition("=")
-            if not eq or not name or not any((Path(folder) / f).is_file() for f in ("sampler.json", "arcflow.json")):
-                fail(f"--student {spec}: expected NAME=DIR with DIR a train.py workdir of a finished run")
-            students[name] = Path(folder)
+            name, eq, folders = spec.partition("=")
+            folders = [Path(f) for f in folders.split(",")]
+            bad = [f for f in folders if not any((f / n).is_file() for n in ("sampler.json", "arcflow.json"))]
+            if not eq or not name or bad:
+                fail(f"--student {spec}: expected NAME=DIR[,DIR...] with each DIR a train.py workdir of a finished "
+                     f"run" + (f" ({bad[0]} is not)" if eq and name and bad else ""))
+            if name in students:
+                fail(f"--student {spec}: a row named {name!r} is given already")
+            students[name] = folders
     rows += student_rows(teacher, students) + list(extra_rows or [])
     results = run(rows, num=a.num, seeds=a.seeds, out=lambda s: print(s, file=sys.stderr, flush=True))
     print(table(results))

@@ -180,10 +180,25 @@ def test_quality_bench_runs_small(tmp_path):
     assert "| student |" in distill_quality.table(results)
 
 
-def test_quality_bench_flag_errors():
+def test_quality_bench_row_of_training_seeds(teacher):
+    import distill_quality
+    from turbojax.digits import cli
+    a, b = cli.STUDENTS / "dmd2", cli.STUDENTS / "dmd2_gan"  # two students stand in for two training seeds
+    (row,) = distill_quality.student_rows(teacher, {"dmd2": [a, b]})
+    assert row["name"] == "dmd2 (2 training seeds)"
+    lab = np.arange(10)
+    for run, folder in enumerate([a, b, a]):
+        seed = run * distill_quality.SEED_STRIDE
+        np.testing.assert_array_equal(row["sample"](lab, seed), cli.load_student(teacher, folder)[0](lab, seed))
+
+
+def test_quality_bench_flag_errors(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "distill_quality.py"), "--num", "5"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: --num")
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "distill_quality.py"), "--student",
+                        f"x={ROOT / 'turbojax/digits/assets/students/dmd2'},{tmp_path}"], capture_output=True, text=True)
+    assert r.returncode == 2 and f"({tmp_path} is not)" in r.stderr.strip().splitlines()[-1]
 
 
 def test_teacher_script_flag_errors(tmp_path):
