@@ -228,6 +228,31 @@ def test_data_order_is_exact_after_resume_and_hosts_read_their_slice(qwen, tmp_p
 
 
 @pytest.mark.slow
+def test_z_image_captions_are_never_padded(tmp_path):
+    """Z-Image has no caption mask (its pads are learned tokens): every batch holds prompts of one exact length."""
+    from test_pipeline_e2e import z_image_pipeline_torch
+    from turbojax import pipelines
+    folder = tmp_path / "Z-Image-tiny"
+    z_image_pipeline_torch().save_pretrained(folder)
+    pipe = pipelines.from_diffusers(folder, progress=False)
+    prompts = PROMPTS + ["dog at night", "cat at noon"]  # two pairs of equal token counts, likely
+    load, _ = _loader_of(pipe)
+    cfg = _cfg(folder, _prompt_file(tmp_path, prompts), negative_prompt="")
+    text_folder = build.ensure(cfg, tmp_path / "c", ("text",), load_pipe=load)["text"]
+    recs = TextRecords(text_folder)
+    alone = [np.asarray(pipe.encode_prompts([p], 128)[0]) for p in prompts]
+    assert [len(a) for a in alone] == recs.prompts.lengths.tolist()
+    b = loader.CacheBatches(text_folder, batch_size=2, seed=0, bucket=64)  # bucket is a Qwen-Image setting
+    assert b.cap_len == max(len(a) for a in alone)
+    for s in range(2 * b.batches_per_epoch):
+        x = b.batch("generator", s)
+        for row, p in zip(x["ctx"], x["prompt"]):
+            assert row.shape == alone[p].shape  # the negative ("") is shorter than every prompt here
+            np.testing.assert_allclose(row, alone[p], atol=1e-5)
+        assert x["mask"].all() and x["neg_ctx"].shape == x["ctx"].shape
+
+
+@pytest.mark.slow
 def test_train_py_distils_from_caches(qwen, tmp_path):
     folder, _ = qwen
     prompts = _prompt_file(tmp_path, PROMPTS[:3])

@@ -70,7 +70,7 @@ def latent_fields(cfg, sources) -> dict:
     for p, i in sources:
         try:
             st = p.stat()
-            listing.update(f"{p}|{i}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            listing.update(f"{p.resolve()}|{i}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         except OSError:
             listing.update(f"{p}|{i}|missing\n".encode())
     return {"family": family_of(folder), "vae": store.folder_fingerprint(folder / "vae"),
