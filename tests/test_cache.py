@@ -156,6 +156,26 @@ def test_a_build_killed_half_way_resumes_to_the_same_bytes(qwen, tmp_path, monke
     assert not list(resumed["text"].glob(".*.tmp"))
 
 
+def test_other_hosts_wait_for_the_builder(qwen, tmp_path):
+    import threading
+    folder, pipe = qwen
+    cfg = _cfg(folder, _prompt_file(tmp_path, PROMPTS[:2]))
+    load, calls = _loader_of(pipe)
+    got = {}
+
+    def wait():
+        try:
+            got.update(build.ensure(cfg, tmp_path / "c", ("text",), load_pipe=load, build_missing=False, poll_s=0.05,
+                                    progress=lambda m: None))
+        except Exception as e:  # noqa: BLE001 - reported by the assert below
+            got["error"] = e
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    built = build.ensure(cfg, tmp_path / "c", ("text",), load_pipe=load, progress=lambda m: None)
+    waiter.join(timeout=30)
+    assert not waiter.is_alive() and got == built and len(calls) == 1  # only the builder loaded the pipeline
+
+
 def _png(path, size, seed=0):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(path)

@@ -22,6 +22,7 @@ def training_data(cfg, workdir, *, progress=print):
     """(batches, frozen transformer, latent shape of one sample, caption length) for a distillation run: the caches
     the config needs are built first when missing (the pipeline is then loaded once and its text encoder and VAE
     dropped); otherwise only the transformer is loaded."""
+    import jax
     import jax.numpy as jnp
 
     from turbojax import models
@@ -42,7 +43,9 @@ def training_data(cfg, workdir, *, progress=print):
 
     try:
         root = build.cache_root(cfg, workdir)
-        folders = build.ensure(cfg, root, build.needed(cfg), progress=progress, load_pipe=load_pipe)
+        # one builder: on a multi-host run the other processes wait for process 0's caches (shared storage)
+        folders = build.ensure(cfg, root, build.needed(cfg), progress=progress, load_pipe=load_pipe,
+                               build_missing=jax.process_index() == 0)
         batches = loader.from_config(cfg, folders)
     except PromptFileError as e:
         raise UserError(f"--config.data.prompts {e}") from None

@@ -16,6 +16,7 @@ every shard depends only on its record range, so a resumed build equals an unint
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -261,9 +262,10 @@ def needed(cfg) -> tuple[str, ...]:
 
 
 def ensure(cfg, root: Path, kinds=("text",), *, progress: Callable[[str], None] = print,
-           load_pipe: Callable | None = None) -> dict[str, Path]:
+           load_pipe: Callable | None = None, build_missing: bool = True, poll_s: float = 10.0) -> dict[str, Path]:
     """Build the caches of `kinds` (and the text cache the teacher cache reads) that are missing or incomplete;
-    return their folders. The pipeline is loaded only when something has to be built."""
+    return their folders. The pipeline is loaded only when something has to be built. `build_missing=False` waits
+    for another process to complete them instead (the hosts of a multi-host run other than process 0)."""
     check(cfg)
     folders, todo, sources = {}, [], None
     tf = text_fields(cfg)
@@ -283,6 +285,11 @@ def ensure(cfg, root: Path, kinds=("text",), *, progress: Callable[[str], None] 
         todo.append(("teacher", thf))
     todo = [(k, f) for k, f in todo if not store.is_complete(folders[k])]
     if not todo:
+        return folders
+    if not build_missing:
+        progress(f"waiting for process 0 to build the {', '.join(k for k, _ in todo)} cache(s) in {root}")
+        while not all(store.is_complete(folders[k]) for k, _ in todo):
+            time.sleep(poll_s)
         return folders
     pipe = (load_pipe or _load_pipe)(cfg)
     for kind, fields in todo:

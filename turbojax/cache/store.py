@@ -89,7 +89,7 @@ def locate(root, kind: str, fields: Mapping, *, progress: Callable[[str], None] 
     folder = root / f"{kind}-{key[:16]}"
     if folder.exists():
         man = _read_manifest(folder)
-        if man is None and any(folder.iterdir()):
+        if man is None and any(not p.name.startswith(".") for p in folder.iterdir()):  # temps: a build starting
             raise CacheError(f"{folder} exists but holds no readable {MANIFEST}: not a turbojax cache; move it away")
         if man is not None and man.get("key") != key:  # a 16-hex-digit prefix collision: practically never
             raise CacheError(f"{folder}/{MANIFEST} has key {man.get('key')}, expected {key}; move the folder away")
