@@ -273,6 +273,41 @@ def test_z_image_captions_are_never_padded(tmp_path):
 
 
 @pytest.mark.slow
+def test_cli_build_killed_with_sigkill_resumes(qwen, tmp_path):
+    import signal
+    import time
+    folder, _ = qwen
+    prompts = _prompt_file(tmp_path, PROMPTS)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+    def cmd(root):
+        return [sys.executable, "-m", "turbojax.cache", "teacher", "--config", "configs/qwen_image_dmd2_gan.py",
+                "--config.init_from", str(folder), "--config.data.prompts", str(prompts),
+                "--config.data.cache_dir", str(root), "--config.dtype", "float32", "--config.data.width", "32",
+                "--config.data.height", "32", "--config.data.teacher_samples", "8", "--config.data.teacher_steps", "4",
+                "--config.data.cache_shard_size", "1", "--config.data.encode_batch", "1",
+                "--config.data.max_sequence_length", "128"]
+
+    proc = subprocess.Popen(cmd(tmp_path / "b"), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "b").glob("teacher-*/teacher-00001.safetensors")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    teacher_b = next((tmp_path / "b").glob("teacher-*"))
+    assert not store.is_complete(teacher_b), "the build finished before the kill: nothing was tested"
+    r = subprocess.run(cmd(tmp_path / "b"), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resuming the teacher cache" in r.stdout and "resuming the text cache" not in r.stdout
+    r = subprocess.run(cmd(tmp_path / "a"), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    teacher_a = next((tmp_path / "a").glob("teacher-*"))
+    assert teacher_a.name == teacher_b.name and _files(teacher_a) == _files(teacher_b)
+    assert not list(teacher_b.glob(".*"))  # no temp left behind
+
+
+@pytest.mark.slow
 def test_train_py_distils_from_caches(qwen, tmp_path):
     folder, _ = qwen
     prompts = _prompt_file(tmp_path, PROMPTS[:3])

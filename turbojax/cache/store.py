@@ -121,7 +121,7 @@ def build(folder: Path, kind: str, fields: Mapping, tables: Mapping[str, int],
     from safetensors.numpy import save
     from turbojax.utils import progress_bar
     folder.mkdir(parents=True, exist_ok=True)
-    for tmp in folder.glob(".*.safetensors.*.tmp"):  # shard temps of a killed run (ours, never a user's file)
+    for tmp in folder.glob(".*.tmp"):  # temps of a killed run: this keyed folder is ours, never a user's
         tmp.unlink(missing_ok=True)
     man = _read_manifest(folder)
     if man is not None and man.get("complete"):
