@@ -124,6 +124,8 @@ def test_save_export_round_trip(tmp_path, teacher, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths both ways (Orbax itself wants absolute ones)
     out = dmodel.save_export(teacher, "t")
     again = dmodel.load_teacher("t")
+    for f in (tmp_path / "t").rglob("*"):  # no file of an export names the folder it was written in
+        assert not f.is_file() or str(tmp_path) not in f.read_bytes().decode("latin-1"), f
     a, b = flat_params(teacher), flat_params(again)
     assert a.keys() == b.keys() and all(np.array_equal(a[k][...], b[k][...]) for k in a)
     with pytest.raises(FileExistsError):

@@ -89,11 +89,20 @@ def write_params(directory: Path, leaves: Mapping[tuple[str, ...], tuple[tuple[i
             with held_interrupts():  # a signal mid-save would leave Orbax's commit thread writing into a folder
                 ckpt.save(directory / "params" / name, _nest(values))  # that the caller's cleanup is removing
                 ckpt.wait_until_finished()
+            _scrub_marker(directory / "params" / name)
             index.append({"name": name, "leaves": [".".join(p) for p in part]})
             del values
     meta = dict(meta, format_version=FORMAT_VERSION, parts=index,
                 leaves={".".join(p): {"shape": list(s), "dtype": str(np.dtype(d))} for p, (s, d) in leaves.items()})
     (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _scrub_marker(part: Path) -> None:
+    """Orbax's commit marker names the (temporary) folder it was written in: keep the words, drop the path, so an
+    export carries no path of the machine that wrote it (it is written atomically into a temp folder and renamed)."""
+    marker = part / "commit_success.txt"
+    if marker.is_file() and marker.read_text().startswith("Checkpoint commit was successful"):
+        marker.write_text("Checkpoint commit was successful.")
 
 
 def read_meta(directory: Path) -> dict:
