@@ -16,7 +16,16 @@ Every field, with the published values it follows (shared docs `distillation.md`
   fake.time, time_shift  the fake score's flow-matching time
   gan.weight        generator GAN weight (0 = no GAN); FastGen / Model-Optimizer use 0.03
   gan.d_weight      discriminator loss weight in the critic turn
-  gan.features      "teacher" (frozen teacher features, one teacher pass for DMD target + D) or "fake" (DMD2 paper)
+  gan.features      "teacher" (frozen teacher features, one teacher pass for DMD target + D), "fake" (DMD2 paper),
+                    or "dino" (dmd2 / turbopp: heads on a frozen DINOv2's tokens of VAE-decoded clean samples and
+                    reals, the ADD / Wuli choice; `turbojax/distill/dino_disc.py`). With "dino":
+  gan.dino          a DINOv2 folder (transformers Dinov2Model / Dinov2WithRegistersModel, or its turbojax export),
+                    loaded frozen in `dtype`; the teacher's VAE decoder (fp32) is loaded from init_from beside it
+  gan.dino_layers   DINO blocks the heads read: integers are 0-based indices, floats fractions of depth in (0, 1];
+                    () = (0.25, 0.5, 0.75, 1.0), blocks 2, 5, 8, 11 of a 12-block ViT (StyleGAN-T / ADD)
+  gan.dino_size     DINO input resolution (decoded images are resized to it), a multiple of the patch size (224)
+  gan.dino_cond     heads projected onto the mean prompt embedding (ADD's text conditioning); False: unconditional
+  gan.hidden        width of the discriminator heads (feature and DINO heads)
   gan.depths        feature taps as fractions of depth (FastGen: 0.5, 0.75, 0.99)
   gan.r1_weight     R1 penalty on the heads' inputs (Model-Optimizer: 0.1)
   gan.real_mix      fraction of D's reals drawn from real-image latents; the rest are teacher samples (Wuli mix)
@@ -65,7 +74,7 @@ def dmd2_config() -> ml_collections.ConfigDict:
     c.fake = ml_collections.ConfigDict(dict(time=(0.0, 1.0), time_shift=3.0))
     c.gan = ml_collections.ConfigDict(dict(weight=0.03, d_weight=1.0, features="teacher", depths=(0.5, 0.75, 0.99),
                                            hidden=256, r1_weight=0.0, time=(0.02, 0.98), time_shift=3.0,
-                                           real_mix=0.0))
+                                           real_mix=0.0, dino="", dino_layers=(), dino_size=224, dino_cond=True))
     c.ttur_ratio = 5
     c.ema_decay = 0.99
 

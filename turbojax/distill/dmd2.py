@@ -11,6 +11,11 @@ discriminator on features of the same teacher pass (or of the fake score: the DM
 Critic turn: flow-matching loss of the fake score on detached student samples, and the discriminator loss on
 features of noised student samples vs noised reals (real latents and/or teacher samples, mixed by the data side),
 with an optional R1 penalty on the heads' inputs.
+
+Discriminators: `gan.features` "teacher" / "fake" are heads on the backbone's features of noised latents;
+"dino" (`dino_disc.py`) are heads on a frozen DINOv2's tokens of VAE-decoded clean latents. Both sit behind one
+interface: `critic_logits` (fakes and reals -> logits, and R1) for the critic turns and `gan_generator_term` for the
+generator's, which DMD2 and Turbo++ share.
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ class DMD2Settings:
     fake_shift: float = 1.0
     gan_weight: float = 0.0        # generator's GAN term (0: DMD2 without GAN)
     gan_d_weight: float = 1.0      # discriminator loss weight in the critic turn
-    gan_features: str = "teacher"  # "teacher" (one teacher pass serves both) or "fake"
+    gan_features: str = "teacher"  # "teacher" (one teacher pass serves both), "fake" or "dino" (DINOv2 heads)
     gan_time: tuple[float, float] = (0.02, 0.98)
     gan_shift: float = 1.0
     r1_weight: float = 0.0
@@ -91,11 +96,50 @@ def backbone_features(nets: Nets, backbone, x_fake, x_real, sigma, cond, *, froz
     return [f[:b] for f in feats], [f[b:] for f in feats]
 
 
-def gan_generator_term(nets: Nets, disc_params, feats):
-    """The generator's non-saturating GAN loss on the features of its (noised) samples, and its metrics."""
-    logits = nets.discriminator(disc_params)(feats, nets.denoiser.grid)
+def gan_generator_term(nets: Nets, disc_params, feats, *, frozen=None, x0=None, cond=None):
+    """The generator's non-saturating GAN loss and its metrics: on `feats`, the backbone's features of its noised
+    samples (feature heads), or, with the DINO discriminator, on its clean samples `x0` decoded and judged (needs
+    `frozen` and `cond`; the gradient flows through DINO and the VAE decode into `x0`)."""
+    disc = nets.discriminator(disc_params)
+    if nets.dino is not None:
+        logits = disc(nets.dino.features(frozen, x0), nets.dino.text(cond))
+    else:
+        logits = disc(feats, nets.denoiser.grid)
     l_gan = L.gan_generator_loss(logits)
     return l_gan, {"gan_g": l_gan, "d_fake_g": jnp.mean(logits)}
+
+
+def critic_logits(nets: Nets, disc_params, frozen, x0_fake, x0_real, cond, keys, s, *, backbone=None,
+                  backbone_frozen: bool = True, r1: bool = False):
+    """The discriminator's logits on clean fakes and reals (latents in the model layout), and the R1 penalty on
+    the heads' inputs at the reals when `r1` (else None). Feature heads: both noised at one random time per
+    sample (`s.gan_time`, `s.gan_shift`; `keys` = time, fake-noise and real-noise keys), one `backbone` pass.
+    DINO: both decoded clean (no noise, the keys are not used), one DINO pass."""
+    disc = nets.discriminator(disc_params)
+    if nets.dino is not None:
+        b = x0_fake.shape[0]
+        feats = jax.lax.stop_gradient(nets.dino.features(frozen, jnp.concatenate([x0_fake, x0_real])))
+        f_fake, f_real = [f[:b] for f in feats], [f[b:] for f in feats]
+        c = nets.dino.text(cond)
+
+        def head(f):
+            return disc(f, c)
+    else:
+        k_td, k_ef, k_er = keys
+        td = L.sample_sigma(k_td, x0_fake.shape[0], *s.gan_time, s.gan_shift)
+        x_fake = L.add_noise(x0_fake, jax.random.normal(k_ef, x0_fake.shape, F32), td)
+        x_real = L.add_noise(x0_real, jax.random.normal(k_er, x0_fake.shape, F32), td)
+        f_fake, f_real = backbone_features(nets, backbone, x_fake, x_real, td, cond, frozen=backbone_frozen)
+
+        def head(f):
+            return disc(f, nets.denoiser.grid)
+
+    logits_fake = head(f_fake)
+    if not r1:
+        return logits_fake, head(f_real), None
+    logits_real, vjp = jax.vjp(head, f_real)
+    (g_real,) = vjp(jnp.ones_like(logits_real))
+    return logits_fake, logits_real, L.r1_penalty(g_real)
 
 
 def student_sample(nets: Nets, role: str, frozen, factors, batch, key, s: DMD2Settings, *, k=None):
@@ -133,7 +177,7 @@ def generator_loss(nets: Nets, s: DMD2Settings):
         loss = s.dm_weight * l_dm
         metrics = {"dm": l_dm, "dm_grad": g_abs, "k": k.astype(F32)}
         if s.gan:
-            l_gan, m = gan_generator_term(nets, others["disc"], feats)
+            l_gan, m = gan_generator_term(nets, others["disc"], feats, frozen=frozen, x0=x0, cond=_cond(batch))
             loss = loss + s.gan_weight * l_gan
             metrics |= m
         return loss, metrics
@@ -154,26 +198,13 @@ def critic_loss(nets: Nets, s: DMD2Settings):
         l_fake = L.flow_matching_loss(v_fake, x0, eps)
         loss, metrics = l_fake, {"fake_fm": l_fake}
         if s.gan:
-            td = L.sample_sigma(k_td, b, *s.gan_time, s.gan_shift)
-            x_fake = L.add_noise(x0, jax.random.normal(k_ef, x0.shape, F32), td)
-            x_real = L.add_noise(batch["real"], jax.random.normal(k_er, x0.shape, F32), td)
             backbone = nets.teacher(frozen) if s.gan_features == "teacher" else fake_model
-            f_fake, f_real = backbone_features(nets, backbone, x_fake, x_real, td, cond,
-                                               frozen=s.gan_features == "teacher")
-            disc = nets.discriminator(trainable["disc"])
-            logits_fake = disc(f_fake, nets.denoiser.grid)
-
-            def real_logits(fr):
-                return disc(fr, nets.denoiser.grid)
-
-            if s.r1_weight > 0:
-                logits_real, vjp = jax.vjp(real_logits, f_real)
-                (g_real,) = vjp(jnp.ones_like(logits_real))
-                r1 = L.r1_penalty(g_real)
+            logits_fake, logits_real, r1 = critic_logits(
+                nets, trainable["disc"], frozen, x0, batch["real"], cond, (k_td, k_ef, k_er), s, backbone=backbone,
+                backbone_frozen=s.gan_features == "teacher", r1=s.r1_weight > 0)
+            if r1 is not None:
                 loss = loss + s.r1_weight * r1
                 metrics["r1"] = r1
-            else:
-                logits_real = real_logits(f_real)
             l_d = L.gan_discriminator_loss(logits_real, logits_fake)
             loss = loss + s.gan_d_weight * l_d
             metrics |= {"gan_d": l_d, "d_real": jnp.mean(logits_real), "d_fake": jnp.mean(logits_fake)}

@@ -1,7 +1,9 @@
 """From a config to a method: the networks on the shared base, the trainables, the turns and their optimisers.
 
 `build(cfg, base_model, latent_shape, rng)` returns a `Method` for `cfg.method` (today "dmd2": DMD2, with GAN when
-`cfg.gan.weight > 0`). The config fields are documented in `configs/digits_dmd2_gan.py`.
+`cfg.gan.weight > 0`). The config fields are documented in `configs/digits_dmd2_gan.py`. With `gan.features =
+"dino"` the caller loads the frozen DINOv2 and VAE decoder first (`dino_disc.load`) and passes them as `dino`; the
+turns then get `method.frozen(base_state)` as their frozen argument.
 """
 from __future__ import annotations
 
@@ -38,6 +40,15 @@ class Method:
     export: Callable | None = None
     # (teacher, state, labels, seed, cfg) -> uint8 digits [N, 32, 32, 1] from the student (demo grids, quality)
     digits_images: Callable | None = None
+    # frozen arrays beside the base (the DINO discriminator's DINO and VAE-decoder states); never trained or saved
+    frozen_extra: dict | None = None
+
+    def frozen(self, base_state):
+        """The turns' frozen argument: the base state, wrapped with `frozen_extra` when there is one."""
+        if self.frozen_extra is None:
+            return base_state
+        from turbojax.distill.nets import FrozenArrays
+        return FrozenArrays(base=base_state, **self.frozen_extra)
 
     def write_outputs(self, workdir, state, base, cfg, step: int, train_s_per_step: float | None = None) -> list:
         from turbojax.distill import export as export_lib
@@ -81,13 +92,29 @@ def dmd2_settings(cfg) -> dmd2.DMD2Settings:
         r1_weight=float(cfg.gan.r1_weight))
 
 
-def build(cfg, base_model, latent_shape, rng: jax.Array, *, cap_len: int | None = None) -> Method:
+def dino_heads(cfg, base_model, dino, key) -> dict:
+    """The DINO discriminator's heads (graphdef, template, params; no taps: the teacher is not read)."""
+    from turbojax.distill import dino_disc
+    return dino_disc.init_heads(dino.gan, dino_disc.text_dim(base_model), int(cfg.gan.hidden), key)
+
+
+def build(cfg, base_model, latent_shape, rng: jax.Array, *, cap_len: int | None = None, dino=None) -> Method:
+    """`dino`: the loaded DINO discriminator (`dino_disc.load`), required when `gan.features` is "dino"."""
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r}; choose one of {METHODS}")
-    if cfg.method in ("pcm", "turbopp"):  # their own modules build them (lazy: they import this one)
-        import importlib
-        return importlib.import_module(f"turbojax.distill.{cfg.method}").build(cfg, base_model, latent_shape, rng,
-                                                                               cap_len=cap_len)
+    gan = cfg.get("gan")
+    wants_dino = gan is not None and gan.get("features") == "dino" and float(gan.get("weight", 0.0)) > 0
+    if wants_dino and cfg.method not in ("dmd2", "turbopp"):
+        raise ValueError(f"gan.features 'dino' works with the methods dmd2 and turbopp, not {cfg.method!r}")
+    if wants_dino and dino is None:
+        raise ValueError("gan.features 'dino': the DINOv2 discriminator is not loaded (train.py loads gan.dino; "
+                         "callers pass dino=dino_disc.load(cfg, base, latent_shape))")
+    if cfg.method == "turbopp":  # its own module builds it (lazy: it imports this one)
+        from turbojax.distill import turbopp
+        return turbopp.build(cfg, base_model, latent_shape, rng, cap_len=cap_len, dino=dino if wants_dino else None)
+    if cfg.method == "pcm":
+        from turbojax.distill import pcm
+        return pcm.build(cfg, base_model, latent_shape, rng, cap_len=cap_len)
     if cfg.method == "arcflow":  # policy heads + trunk LoRA (lazy import: it imports this module)
         from turbojax.distill import arcflow_heads
         return arcflow_heads.build_method(cfg, base_model, latent_shape, rng, cap_len=cap_len)
@@ -98,12 +125,15 @@ def build(cfg, base_model, latent_shape, rng: jax.Array, *, cap_len: int | None 
     roles = {"student": unmerged.make_role(graphdef, frozen, student),
              "fake": unmerged.make_role(graphdef, frozen, fake)}
     s = dmd2_settings(cfg)
-    if s.gan_features not in ("teacher", "fake"):
-        raise ValueError(f"gan.features must be 'teacher' or 'fake', got {s.gan_features!r}")
+    if s.gan_features not in ("teacher", "fake", "dino"):
+        raise ValueError(f"gan.features must be 'teacher', 'fake' or 'dino', got {s.gan_features!r}")
     params = {"student": unmerged.factors_of(student), "fake": unmerged.factors_of(fake)}
     disc_graphdef = disc_template = None
     taps = ()
-    if s.gan:
+    if s.gan and s.gan_features == "dino":
+        heads = dino_heads(cfg, base_model, dino, k_disc)
+        disc_graphdef, disc_template, params["disc"] = heads["disc"], heads["disc_template"], heads["params"]
+    elif s.gan:
         taps = taps_at_depths(cfg.gan.depths, num_layers(base_model))
         disc = FeatureDiscriminator(feature_dim(base_model), len(taps), hidden=int(cfg.gan.hidden),
                                     rngs=nnx.Rngs(int(jax.random.randint(k_disc, (), 0, 2 ** 31 - 1))))
@@ -111,7 +141,8 @@ def build(cfg, base_model, latent_shape, rng: jax.Array, *, cap_len: int | None 
         disc_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), disc_state)
         params["disc"] = disc_pure(disc_state)
     nets = Nets(base=graphdef, roles=roles, denoiser=denoiser_for(base_model, latent_shape, cap_len),
-                latent_shape=tuple(latent_shape), disc=disc_graphdef, disc_template=disc_template, taps=taps)
+                latent_shape=tuple(latent_shape), disc=disc_graphdef, disc_template=disc_template, taps=taps,
+                dino=dino.gan if s.gan and s.gan_features == "dino" else None)
     critic_groups = ("fake", "disc") if s.gan else ("fake",)
     turns = [Turn("generator", ("student",), dmd2.generator_loss(nets, s), every=int(cfg.ttur_ratio),
                   ema=("student",) if cfg.ema_decay > 0 else ()),
@@ -119,7 +150,8 @@ def build(cfg, base_model, latent_shape, rng: jax.Array, *, cap_len: int | None 
     clip = float(cfg.opt.grad_clip)
     txs = {"generator": make_tx({"student": _group_opt(cfg, "student")}, clip),
            "critic": make_tx({g: _group_opt(cfg, g) for g in critic_groups}, clip)}
-    return Method("dmd2", nets, turns, txs, params, s)
+    return Method("dmd2", nets, turns, txs, params, s,
+                  frozen_extra=dino.arrays if s.gan and s.gan_features == "dino" else None)
 
 
 def export_adapter(method: Method, state: Mapping, use_ema: bool = True) -> dict:

@@ -4,15 +4,28 @@
 state, and the trainables `{group: pytree}` (LoRA factors per role, discriminator heads as a pure dict). So the base
 exists once in memory whatever the number of roles: teacher = base, student = base + student LoRA, fake score =
 base + fake LoRA (and per-step students for Turbo++).
+
+With the DINOv2 discriminator (`gan.features = "dino"`) the frozen argument is a `FrozenArrays`: the base state plus
+the frozen DINO and VAE-decoder states; `Nets.base_state` unwraps it, so code that only needs the base is unchanged.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Mapping
 
+import jax
 from flax import nnx
 
 from turbojax.lora.unmerged import LoraRole
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FrozenArrays:
+    """The frozen arguments of a run whose discriminator has frozen networks of its own (DINO + VAE decoder)."""
+    base: Any
+    dino: Any
+    vae: Any
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -24,12 +37,17 @@ class Nets:
     disc: nnx.GraphDef | None = None
     disc_template: Any = None  # abstract nnx.State of the discriminator (to rebuild it from a pure dict)
     taps: tuple[int, ...] = ()
+    dino: Any = None  # turbojax.distill.dino_disc.DinoGan when gan.features = "dino" (then taps is empty)
+
+    @staticmethod
+    def base_state(frozen):
+        return frozen.base if isinstance(frozen, FrozenArrays) else frozen
 
     def teacher(self, frozen):
-        return nnx.merge(self.base, frozen)
+        return nnx.merge(self.base, self.base_state(frozen))
 
     def role(self, name: str, frozen, factors):
-        return self.roles[name].model(frozen, factors)
+        return self.roles[name].model(self.base_state(frozen), factors)
 
     def discriminator(self, pure: Mapping):
         return nnx.merge(self.disc, jax_tree_replace(self.disc_template, pure))

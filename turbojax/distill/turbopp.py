@@ -10,7 +10,8 @@ The paper (arXiv 2606.12575) has no public code; only its three ideas are known,
    modules of the same step (or none: `lora.student.targets` empty).
 2. Distribution-aligned adversarial learning: the discriminator's reals are teacher samples (the batches' `real`
    pool with `gan.real_mix` 0), heads on frozen-teacher features of noised samples (DMD2's diffusion GAN), the
-   non-saturating loss. [the backbone and taps are unknown: frozen-teacher features as in our DMD2]
+   non-saturating loss. [the backbone and taps are unknown: frozen-teacher features as in our DMD2; or
+   `gan.features = "dino"`: heads on a frozen DINOv2's tokens of the VAE-decoded clean samples, `dino_disc.py`]
 3. End-to-end training: the student runs all its steps from pure noise in one differentiable pass, so the
    final-image losses reach the step-1 adapter through step 2 (`turbopp.end_to_end`; False detaches between
    steps, the ablation); each step's forward is rematerialised (`turbopp.remat`) so memory stays at one step's
@@ -36,7 +37,7 @@ import ml_collections
 import numpy as np
 
 from turbojax.distill import losses as L
-from turbojax.distill.dmd2 import _cond, backbone_features, gan_generator_term, real_score_velocity
+from turbojax.distill.dmd2 import _cond, critic_logits, gan_generator_term, real_score_velocity
 from turbojax.distill.nets import Nets
 from turbojax.distill.pcm import check_sigmas, sigma_grid
 
@@ -95,7 +96,7 @@ def step_model(nets: Nets, frozen, own: dict, step: int, s: TurboPPSettings):
     from turbojax.distill import turbopp_blocks
 
     if blocks_name(step) in own:
-        frozen = turbopp_blocks.overlay(frozen, s.full_blocks, own[blocks_name(step)])
+        frozen = turbopp_blocks.overlay(nets.base_state(frozen), s.full_blocks, own[blocks_name(step)])
     name = role_name(step)
     return nets.role(name, frozen, own[name]) if name in own else nets.teacher(frozen)
 
@@ -170,7 +171,7 @@ def generator_loss(nets: Nets, s: TurboPPSettings):
             b = x0.shape[0]
             t = L.sample_sigma(k_t, b, *(s.dm_time if s.dmd else s.gan_time), s.dm_shift if s.dmd else s.gan_shift)
             x_t = L.add_noise(x0, jax.random.normal(k_eps, x0.shape, F32), t)
-            taps = nets.taps if s.gan else ()
+            taps = nets.taps if s.gan else ()  # () with the DINO discriminator: it reads x0, not the teacher
             if s.dmd:
                 v_real, feats = real_score_velocity(nets, frozen, x_t, t, batch,
                                                     dataclasses.replace(s, real_cfg=s.dm_cfg), taps)
@@ -181,9 +182,9 @@ def generator_loss(nets: Nets, s: TurboPPSettings):
                 loss = loss + s.dm_weight * l_dm
                 metrics |= {"dm": l_dm, "dm_grad": g_abs}
             else:
-                _, feats = nets.velocity(nets.teacher(frozen), x_t, t, cond, taps)
+                feats = nets.velocity(nets.teacher(frozen), x_t, t, cond, taps)[1] if taps else None
             if s.gan:
-                l_gan, m = gan_generator_term(nets, others["disc"], feats)
+                l_gan, m = gan_generator_term(nets, others["disc"], feats, frozen=frozen, x0=x0, cond=cond)
                 loss = loss + s.gan_weight * l_gan
                 metrics |= m
         return loss, metrics
@@ -212,13 +213,8 @@ def critic_loss(nets: Nets, s: TurboPPSettings):
         if s.gan:
             if "real" not in batch:
                 raise ValueError("the Turbo++ discriminator needs reals (teacher samples) in the batch")
-            td = L.sample_sigma(k_td, b, *s.gan_time, s.gan_shift)
-            x_fake = L.add_noise(x0, jax.random.normal(k_ef, x0.shape, F32), td)
-            x_real = L.add_noise(batch["real"], jax.random.normal(k_er, x0.shape, F32), td)
-            f_fake, f_real = backbone_features(nets, nets.teacher(frozen), x_fake, x_real, td, cond)
-            disc = nets.discriminator(trainable["disc"])
-            logits_fake = disc(f_fake, nets.denoiser.grid)
-            logits_real = disc(f_real, nets.denoiser.grid)
+            logits_fake, logits_real, _ = critic_logits(nets, trainable["disc"], frozen, x0, batch["real"], cond,
+                                                        (k_td, k_ef, k_er), s, backbone=nets.teacher(frozen))
             l_d = L.gan_discriminator_loss(logits_real, logits_fake)
             loss = loss + s.gan_d_weight * l_d
             metrics |= {"gan_d": l_d, "d_real": jnp.mean(logits_real), "d_fake": jnp.mean(logits_fake)}
@@ -285,7 +281,7 @@ def settings_from(cfg) -> TurboPPSettings:
         gan_shift=float(cfg.gan.time_shift))
 
 
-def build(cfg, base_model, latent_shape, rng, *, cap_len=None):
+def build(cfg, base_model, latent_shape, rng, *, cap_len=None, dino=None):
     from flax import nnx
 
     from turbojax.distill import methods as M
@@ -325,12 +321,13 @@ def build(cfg, base_model, latent_shape, rng, *, cap_len=None):
         fake = M._adapter(base_model, cfg.lora.fake, keys[-2])
         roles["fake"] = unmerged.make_role(graphdef, frozen, fake)
         params["fake"] = unmerged.factors_of(fake)
-    disc = feature_heads(cfg, base_model, keys[-1]) if s.gan else None
+    disc = (M.dino_heads(cfg, base_model, dino, keys[-1]) if dino is not None else
+            feature_heads(cfg, base_model, keys[-1])) if s.gan else None
     if disc is not None:
         params["disc"] = disc["params"]
     nets = Nets(base=graphdef, roles=roles, denoiser=denoiser_for(base_model, latent_shape, cap_len),
-                latent_shape=tuple(latent_shape),
-                **({k: disc[k] for k in ("disc", "disc_template", "taps")} if disc else {}))
+                latent_shape=tuple(latent_shape), dino=dino.gan if dino is not None and s.gan else None,
+                **({k: disc[k] for k in ("disc", "disc_template", "taps") if k in disc} if disc else {}))
     students = tuple(g for i in range(s.steps) for g in (role_name(i + 1), blocks_name(i + 1)) if g in params)
     clip = float(cfg.opt.grad_clip)
     critic_groups = tuple(g for g, on in (("fake", s.dmd), ("disc", s.gan)) if on)
@@ -341,7 +338,8 @@ def build(cfg, base_model, latent_shape, rng, *, cap_len=None):
     if critic_groups:
         turns.append(Turn("critic", critic_groups, critic_loss(nets, s)))
         txs["critic"] = make_tx({g: M._group_opt(cfg, g) for g in critic_groups}, clip)
-    m = M.Method("turbopp", nets, turns, txs, params, s, export_group=students[0])
+    m = M.Method("turbopp", nets, turns, txs, params, s, export_group=students[0],
+                 frozen_extra=dino.arrays if dino is not None and s.gan else None)
     m.export = lambda workdir, state, base, cfg_, step: export(m, workdir, state, base, cfg_, step)
     m.digits_images = lambda teacher, state, labels, seed, cfg_: digits_images(m, teacher, state, labels, seed,
                                                                                cfg_)
