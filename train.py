@@ -219,6 +219,14 @@ def distill(cfg, workdir: Path) -> int:
     absl_logging.set_verbosity(absl_logging.WARNING)
     jax.config.update("jax_compilation_cache_dir", str(HERE / ".jax_cache"))
     dtype = jnp.dtype(cfg.dtype)
+    gan_cfg = cfg.get("gan") or {}
+    dino_gan = gan_cfg.get("features") == "dino" and float(gan_cfg.get("weight", 0.0)) > 0
+    if dino_gan:  # the DINOv2 discriminator's cheap checks, before any data work (it is loaded below)
+        from turbojax.distill import dino_disc
+        try:
+            dino_disc.check_config(cfg)
+        except ValueError as e:
+            raise UserError(f"--config.{e}") from None
 
     # ---------------------------------------------------------------------------------------------------------
     # The frozen base (teacher) and the data the turns read
@@ -264,14 +272,22 @@ def distill(cfg, workdir: Path) -> int:
         sum(int(np.prod(v.shape)) for v in jax.tree.leaves(frozen)) / 1e6, batches.num_prompts), flush=True)
 
     # ---------------------------------------------------------------------------------------------------------
-    # Method: LoRA roles on the shared base, discriminator heads, turns and optimisers
+    # Method: LoRA roles on the shared base, discriminator heads, turns and optimisers; with gan.features "dino"
+    # the frozen DINOv2 and the VAE decoder (reloaded from init_from) join the frozen arguments
     # ---------------------------------------------------------------------------------------------------------
+    dino = None
+    if dino_gan:
+        try:
+            dino = dino_disc.load(cfg, base, latent_shape)
+        except ValueError as e:
+            raise UserError(f"--config.{e}") from None
     try:
-        method = methods.build(cfg, base, latent_shape, jax.random.key(cfg.seed + 1), cap_len=cap_len)
+        method = methods.build(cfg, base, latent_shape, jax.random.key(cfg.seed + 1), cap_len=cap_len, dino=dino)
     except (ValueError, KeyError) as e:
         raise UserError(f"--config: {e}") from None
     except OSError as e:  # e.g. a missing --config.init_student_lora file
         raise UserError(f"--config: {e.filename or ''}: {e.strerror or e}") from None
+    frozen = method.frozen(frozen)  # the base state (+ the DINO discriminator's frozen arrays)
     engine = Engine(method.turns, method.txs, float(cfg.ema_decay), seed=int(cfg.seed))
     state = engine.init_state(method.params)
     n_train = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state["params"]))

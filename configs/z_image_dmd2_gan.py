@@ -29,6 +29,13 @@ def get_config(variant: str = "base"):
     c.dmd.real_cfg = 4.0 if variant == "base" else 1.0
     c.gan.weight = 0.03
     c.gan.depths = (0.5, 0.75, 0.99)
+    # The ADD / Wuli alternative: heads on a frozen DINOv2's tokens of VAE-decoded clean samples and reals (the
+    # VAE decoder and DINO stay in memory, frozen; the generator's GAN gradient runs back through both):
+    #   c.gan.features = "dino"
+    #   c.gan.dino = "dinov2-small"        # a transformers Dinov2Model folder (or dinov2-with-registers-small)
+    #   c.gan.dino_layers = (2, 5, 8, 11)  # block indices, or fractions of depth: () = (0.25, 0.5, 0.75, 1.0)
+    #   c.gan.dino_size = 224              # a multiple of the patch size (14)
+    #   c.gan.r1_weight = 0.0              # optional R1 on the heads' inputs
     c.ttur_ratio = 5
     c.ema_decay = 0.9999
     c.batch_size = 1
