@@ -129,9 +129,9 @@ def test_gan_term_alone_reaches_the_student(pipes, dino_folder, family, method_n
     assert set(method.params) == set(students) | set(critic.groups)
 
 
-def _run(family, folder, dino, prompts, workdir, *extra, steps=3):
+def _run(family, folder, dino, prompts, workdir, *extra, steps=3, config=None):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    args = [sys.executable, str(REPO / "train.py"), "--config", CONFIGS[family], "--workdir", str(workdir),
+    args = [sys.executable, str(REPO / "train.py"), "--config", config or CONFIGS[family], "--workdir", str(workdir),
             "--config.init_from", str(folder), "--config.data.prompts", str(prompts),
             "--config.param_dtype", "float32", "--config.dtype", "float32", "--config.remat", "none",
             "--config.data.width", str(PX), "--config.data.height", str(PX), "--config.data.teacher_samples", "2",
@@ -173,6 +173,22 @@ def test_train_py_dmd2_with_dino_runs_and_resumes_exactly(tmp_path, pipes, dino_
     assert ta.keys() == tb.keys() and len(ta) > 0
     for k in ta:
         np.testing.assert_array_equal(ta[k], tb[k], err_msg=k)
+
+
+@pytest.mark.slow
+def test_train_py_z_image_turbopp_with_dino(tmp_path, pipes, dino_folder):
+    """Turbo++ (per-step LoRAs, end to end) with the DINO discriminator through train.py on Z-Image."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox in the snow\na lighthouse at dusk\n")
+    r = _run("z_image", pipes["z_image"], dino_folder, prompts, tmp_path / "w", "--config.turbopp.teacher_steps", "2",
+             "--config.dmd.weight", "0", steps=2, config="configs/z_image_turbopp.py")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    m = _metrics(tmp_path / "w")
+    assert sorted(m) == [1, 2] and all(np.isfinite(m[s]["critic/gan_d"]) for s in m)
+    assert m[1]["critic/gan_d"] != m[2]["critic/gan_d"]
+    assert all(np.isfinite(m[s]["generator/gan_g"]) for s in m)
+    for name in ("lora_step1.safetensors", "lora_step2.safetensors"):
+        assert (tmp_path / "w" / name).is_file(), sorted(p.name for p in (tmp_path / "w").iterdir())
 
 
 def test_config_mistakes_are_one_error_line(tmp_path, pipes, dino_folder, capsys):
