@@ -53,7 +53,7 @@ ATTENTION_IMPL = "xla"
 
 # Sampling: the students' 2-step list [1, 0.75] is raw [1, 0.5] under shift 3, so the teacher uses shift 3 as well
 SHIFT = 3.0
-TEACHER_STEPS = 20  # measured: FD rises with steps here (4: 214, 20: 266, 40: 283) while diversity/recall grow
+TEACHER_STEPS = 20  # measured (1,000 digits, CFG 3): FD 10 steps 72.5, 20: 80.8, 40: 86.6; recall 0.40, 0.46, 0.47
 TEACHER_GUIDANCE = 3.0
 STUDENT_SIGMAS = (1.0, 0.75)
 
