@@ -209,8 +209,9 @@ def distill(cfg, workdir: Path) -> int:
     from flax import nnx
 
     from turbojax.distill import export as export_lib
-    from turbojax.distill import methods
+    from turbojax.distill import methods, sharded
     from turbojax.distill.engine import Engine
+    from turbojax.sharding import make_mesh
     from turbojax.training.checkpoints import Checkpoints
     from turbojax.training.guards import MetricsBuffer, StopSignal
     from turbojax.training.metrics_log import MetricsLog
@@ -219,6 +220,15 @@ def distill(cfg, workdir: Path) -> int:
     absl_logging.set_verbosity(absl_logging.WARNING)
     jax.config.update("jax_compilation_cache_dir", str(HERE / ".jax_cache"))
     dtype = jnp.dtype(cfg.dtype)
+    # The mesh first: a bad mesh or a batch it cannot split is reported before any data or model work
+    try:
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    except ValueError as e:
+        raise UserError(f"--config.mesh: {e}") from None
+    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % n_batch_shards:
+        raise UserError(f"--config.batch_size {cfg.batch_size} must be a multiple of the {n_batch_shards} "
+                        f"data-parallel devices (mesh data x fsdp)")
     gan_cfg = cfg.get("gan") or {}
     dino_gan = gan_cfg.get("features") == "dino" and float(gan_cfg.get("weight", 0.0)) > 0
     if dino_gan:  # the DINOv2 discriminator's cheap checks, before any data work (it is loaded below)
@@ -252,7 +262,7 @@ def distill(cfg, workdir: Path) -> int:
             raise UserError("--config.data.prompts: give a prompt file (.txt, one per line, or .jsonl)")
         try:
             pipe = pipelines.from_diffusers(cfg.init_from, dtype=dtype, scan_layers=cfg.scan_layers,
-                                            attention_impl=cfg.attention_impl)
+                                            attention_impl=cfg.attention_impl, mesh=mesh)  # sharded at birth
         except (ValueError, OSError) as e:
             raise UserError(f"--config.init_from {cfg.init_from}: {e}") from None
         try:
@@ -268,6 +278,10 @@ def distill(cfg, workdir: Path) -> int:
     else:
         raise UserError(f"--config.data.kind must be 'digits', 'prompts' or 'cache', got {cfg.data.kind!r}")
     graphdef, frozen = nnx.split(base)
+    # The frozen base on the mesh by its logical axes (a no-op for a base loaded onto it); `base` is rebuilt on the
+    # placed arrays so one copy exists
+    frozen = jax.device_put(frozen, sharded.frozen_shardings(frozen, mesh))
+    base = nnx.merge(graphdef, frozen)
     print("teacher: %.2fM frozen params; %d prompts" % (
         sum(int(np.prod(v.shape)) for v in jax.tree.leaves(frozen)) / 1e6, batches.num_prompts), flush=True)
 
@@ -288,11 +302,16 @@ def distill(cfg, workdir: Path) -> int:
     except OSError as e:  # e.g. a missing --config.init_student_lora file
         raise UserError(f"--config: {e.filename or ''}: {e.strerror or e}") from None
     frozen = method.frozen(frozen)  # the base state (+ the DINO discriminator's frozen arrays)
-    engine = Engine(method.turns, method.txs, float(cfg.ema_decay), seed=int(cfg.seed))
+    # Trainables, optimiser states and EMA laid out like the base weights they adapt; every step jitted with explicit
+    # in/out shardings and the state donated
+    plan = sharded.plan(mesh, method.turns, method.txs, method.params, frozen)
+    frozen = plan.put_frozen(frozen)
+    engine = Engine(method.turns, method.txs, float(cfg.ema_decay), seed=int(cfg.seed), shardings=plan)
     state = engine.init_state(method.params)
     n_train = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state["params"]))
     print(f"method {method.name}: {n_train / 1e6:.3f}M trainable params in {sorted(state['params'])}; turns "
-          + ", ".join(f"{t.name} every {t.every}" for t in method.turns), flush=True)
+          + ", ".join(f"{t.name} every {t.every}" for t in method.turns)
+          + "; mesh " + " x ".join(f"{a} {n}" for a, n in mesh.shape.items()), flush=True)
 
     # ---------------------------------------------------------------------------------------------------------
     # Checkpoints (trainables + optimiser states + EMA), resume

@@ -10,6 +10,10 @@ checkpointed):
 
 Every step is `step(state, frozen, batch, key) -> (new_state, metrics)`, jitted with the state donated; metrics
 carry the loss and the global gradient norm of the turn so the loop can stop on the first non-finite value.
+
+On a mesh, `Engine(..., shardings=sharded.plan(mesh, ...))` jits every step with explicit in/out shardings (state
+and frozen as planned, batches over data x fsdp, key and metrics replicated) and builds the initial state sharded;
+without `shardings` the steps are plain jits (tests, the toy, one device).
 """
 from __future__ import annotations
 
@@ -57,8 +61,10 @@ def init_state(params: Mapping, turns: Sequence[Turn], txs: Mapping[str, optax.G
             "ema": {g: jax.tree.map(jnp.array, params[g]) for g in ema_groups}}
 
 
-def make_step(turn: Turn, tx: optax.GradientTransformation, ema_decay: float = 0.0, *, donate: bool = True):
-    """The jitted pure step of one turn."""
+def make_step(turn: Turn, tx: optax.GradientTransformation, ema_decay: float = 0.0, *, donate: bool = True,
+              shardings=None):
+    """The jitted pure step of one turn; with `shardings` (a `sharded.StepShardings`) jitted with explicit in/out
+    shardings, one executable per batch layout (the turns' batches differ in keys: `real` for the critic)."""
     def step(state, frozen, batch, key):
         params = state["params"]
         trainable = {g: params[g] for g in turn.groups}
@@ -76,7 +82,30 @@ def make_step(turn: Turn, tx: optax.GradientTransformation, ema_decay: float = 0
         metrics[f"{turn.name}/grad_norm"] = optax.global_norm(grads)
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    donate_argnums = (0,) if donate else ()
+    if shardings is None:
+        return jax.jit(step, donate_argnums=donate_argnums)
+    return _ShardedStep(step, shardings, donate_argnums)
+
+
+class _ShardedStep:
+    """`step` jitted per batch tree (keys, ranks): in_shardings (state, frozen, batch, replicated key), out_shardings
+    (state, replicated metrics). The batch is placed here, so callers may pass host arrays."""
+
+    def __init__(self, step, shardings, donate_argnums):
+        self.step, self.shardings, self.donate_argnums = step, shardings, donate_argnums
+        self._jitted = {}
+
+    def __call__(self, state, frozen, batch, key):
+        sh = self.shardings
+        bsh = sh.batch(batch)
+        sig = (jax.tree.structure(batch), tuple(jnp.ndim(x) for x in jax.tree.leaves(batch)))
+        fn = self._jitted.get(sig)
+        if fn is None:
+            fn = self._jitted[sig] = jax.jit(
+                self.step, in_shardings=(sh.state, sh.frozen, bsh, sh.replicated),
+                out_shardings=(sh.state, sh.replicated), donate_argnums=self.donate_argnums)
+        return fn(state, frozen, jax.device_put(batch, bsh), key)
 
 
 def turn_key(seed: int, iteration: int, turn_index: int) -> jax.Array:
@@ -88,15 +117,25 @@ class Engine:
     """The turns of a method with their optimisers and jitted steps; `iteration` runs the turns due at step i."""
 
     def __init__(self, turns: Sequence[Turn], txs: Mapping[str, optax.GradientTransformation],
-                 ema_decay: float = 0.0, seed: int = 0):
+                 ema_decay: float = 0.0, seed: int = 0, shardings=None):
+        """`shardings`: a `sharded.StepShardings` (`sharded.plan(mesh, turns, txs, params, frozen)`) to run on a
+        mesh; the frozen argument must then be placed with `shardings.put_frozen` (committed arrays elsewhere are
+        refused by the jitted steps)."""
         names = [t.name for t in turns]
         if len(set(names)) != len(names):
             raise ValueError(f"turn names must be unique, got {names}")
-        self.turns, self.txs, self.seed = tuple(turns), dict(txs), seed
-        self.steps = {t.name: make_step(t, self.txs[t.name], ema_decay) for t in turns}
+        self.turns, self.txs, self.seed, self.shardings = tuple(turns), dict(txs), seed, shardings
+        self.steps = {t.name: make_step(t, self.txs[t.name], ema_decay, shardings=shardings) for t in turns}
 
     def init_state(self, params: Mapping) -> dict:
-        return init_state(params, self.turns, self.txs)
+        """The initial state; on a mesh it is born sharded (the params are moved onto their shardings first, from
+        wherever they are)."""
+        if self.shardings is None:
+            return init_state(params, self.turns, self.txs)
+        sh = self.shardings
+        params = jax.device_put(dict(params), sh.params)
+        return jax.jit(lambda p: init_state(p, self.turns, self.txs), in_shardings=(sh.params,),
+                       out_shardings=sh.state)(params)
 
     def due(self, iteration: int) -> list[tuple[int, Turn]]:
         return [(i, t) for i, t in enumerate(self.turns) if iteration % t.every == 0]

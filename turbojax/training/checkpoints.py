@@ -6,9 +6,12 @@
         should_save(step) -> bool                  step % every == 0 and not saved yet
         save(step, state, *, force=False) -> bool  async save when should_save(step) or force (final step,
                                                    SIGTERM); a step already on disk is never saved twice
-        restore_latest(template) -> (state, step)  (template, 0) when there is no checkpoint; otherwise the stored
+        restore_latest(template, shardings=None) -> (state, step)
+                                                   (template, 0) when there is no checkpoint; otherwise the stored
                                                    state placed like `template` (arrays or ShapeDtypeStructs with
-                                                   shardings), after checking every leaf path and shape against it
+                                                   shardings) or on `shardings` (a tree matching it), after checking
+                                                   every leaf path and shape against it. The mesh may differ from
+                                                   the one that saved it: Orbax reads each target shard's slice
         path(step) -> Path                         the folder of a step
         wait()                                     block until async saves are committed
         close()                                    wait, then release Orbax's threads (also a context manager)
@@ -46,12 +49,13 @@ def _leaf_shapes(tree) -> dict[str, tuple]:
     return {"/".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", ()) or ()) for path, leaf in leaves}
 
 
-def _abstract(tree):
-    def one(x):
-        if isinstance(x, jax.ShapeDtypeStruct):
-            return x
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
-    return jax.tree.map(one, tree)
+def _abstract(tree, shardings=None):
+    def one(x, sharding=None):
+        sharding = sharding if sharding is not None else getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    if shardings is None:
+        return jax.tree.map(one, tree)
+    return jax.tree.map(one, tree, shardings)
 
 
 class Checkpoints:
@@ -92,7 +96,7 @@ class Checkpoints:
         self._latest = step
         return True
 
-    def restore_latest(self, template):
+    def restore_latest(self, template, shardings=None):
         step = self.latest_step()
         if step is None:
             return template, 0
@@ -119,7 +123,7 @@ class Checkpoints:
                     f"{where}: {key} has shape {tuple(stored[key])} but this config expects {tuple(expected[key])}; "
                     f"it was written with a different config{tail}")
         try:
-            state = self._manager.restore(step, args=ocp.args.StandardRestore(_abstract(template)))
+            state = self._manager.restore(step, args=ocp.args.StandardRestore(_abstract(template, shardings)))
         except Exception as e:
             raise UserError(f"cannot restore {where}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                             ) from None
