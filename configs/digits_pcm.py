@@ -5,11 +5,12 @@
     python sample.py --student out/digits_pcm                            # the plain 2-step Euler sampler
 
 Phases [0.75, 1] and [0, 0.75] (the student's sigma list [1, 0.75], raw [1, 0.5] under shift 3); the teacher's
-Euler step on a 100-sub-step shift-3 grid with its own sampling CFG 3; pseudo-Huber c = 0.001; adversarial weight
+Euler step on a 100-sub-step shift-3 grid with its own sampling CFG (2.5); pseudo-Huber c = 0.001; adversarial weight
 0.1 with hinge heads on frozen-teacher features at 50/75/100 % depth (the reference's SD3 recipe at toy scale).
 PCM noises real data: here the 4,000 real train digits (`gan.real_mix` 1; 0 = teacher samples). The LoRA this
 writes is the warm start of `configs/digits_pcm_dmd2_gan.py` (the Wuli recipe).
 """
+from turbojax.digits.model import TEACHER_GUIDANCE
 from turbojax.distill.pcm import pcm_config
 
 TARGETS = [r"transformer_blocks\.attn\.(to_q|to_k|to_v|to_out|add_q_proj|add_k_proj|add_v_proj|to_add_out)",
@@ -24,7 +25,7 @@ def get_config():
     c.lora.student.targets = list(TARGETS)
     c.lora.student.rank, c.lora.student.alpha = 16, 16.0
     c.student.sigmas = (1.0, 0.75)
-    c.pcm.teacher_cfg = 3.0
+    c.pcm.teacher_cfg = TEACHER_GUIDANCE
     c.pcm.grid_steps = 100
     c.gan.weight = 0.1
     c.gan.real_mix = 1.0

@@ -20,6 +20,7 @@ Per-step full copies of selected blocks instead of (or beside) the LoRAs, e.g. b
 (exports `step1_blocks.safetensors`, `step2_blocks.safetensors`; `sample.py --student DIR` loads them). A module is
 either copied or LoRA-targeted; the targets above cover every block of the scanned stack, hence `''`.
 """
+from turbojax.digits.model import TEACHER_GUIDANCE
 from turbojax.distill.turbopp import turbopp_config
 
 TARGETS = [r"transformer_blocks\.attn\.(to_q|to_k|to_v|to_out|add_q_proj|add_k_proj|add_v_proj|to_add_out)",
@@ -37,9 +38,9 @@ def get_config():
         c.lora[role].rank, c.lora[role].alpha = 16, 16.0
     c.student.sigmas = (1.0, 0.75)
     c.turbopp.teacher_steps = 16
-    c.turbopp.teacher_cfg = 3.0
+    c.turbopp.teacher_cfg = TEACHER_GUIDANCE
     c.turbopp.boundary_weight = 1.0
-    c.dmd.real_cfg = 3.0
+    c.dmd.real_cfg = TEACHER_GUIDANCE
     c.dmd.weight = 0.0
     c.gan.weight = 0.05
     c.gan.real_mix = 0.0
