@@ -146,6 +146,16 @@ def test_plan_lays_trainables_out_like_their_base_weights():
     assert all(s.spec == P() for s in jax.tree.leaves(plan.params["disc"]))
     assert jax.tree.structure(plan.state["ema"]) == jax.tree.structure({"student": plan.params["student"]})
     assert plan.state["ema"]["student"] == plan.params["student"]
+    # with the DINO discriminator the frozen argument is FrozenArrays (base + DINO + VAE decoder states): each part
+    # by its own axes, and the LoRA factors still follow the base
+    from turbojax.distill.nets import FrozenArrays
+    fa = FrozenArrays(base=frozen, dino=frozen, vae={"w": np.zeros((3, 4), np.float32)})
+    plan_fa = sharded.plan(mesh, m.turns, m.txs, params0, fa)
+    assert plan_fa.params == plan.params
+    placed = plan_fa.put_frozen(fa)
+    kernel = placed.dino["transformer_blocks"]["img_mlp"]["fc1"]["kernel"][...]
+    assert kernel.sharding.spec == base_specs["transformer_blocks.img_mlp.fc1.kernel"]
+    assert placed.vae["w"].sharding.is_fully_replicated
 
 
 def test_a_batch_the_mesh_cannot_split_is_refused():
