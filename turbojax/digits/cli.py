@@ -20,8 +20,8 @@ from turbojax.digits.model import ASSETS
 
 STUDENTS = ASSETS / "students"
 # the shipped students, best first (by bench/distill_quality.py's Frechet distance); the first one present is the
-# default of `python sample.py`
-PREFERENCE = ("dmd2", "dmd2_gan", "pcm_dmd2_gan", "pcm", "turbopp", "arcflow")
+# default of `python sample.py` (3 seeds x 1,000 digits; table in bench/README.md)
+PREFERENCE = ("pcm_dmd2_gan", "dmd2", "dmd2_gan", "arcflow", "pcm", "turbopp")
 PIPELINE_ONLY = ("config", "prompt", "prompts_file", "negative_prompt", "sigmas", "width", "height", "lora",
                  "noise", "tiled_decode")
 
