@@ -2,7 +2,8 @@
 
     text     tables `prompt` (one record per prompt: `emb [sum L, D]` pad-free, `len [n]`, `neg [n]` the index of
              its negative) and `negative` (the distinct negative prompts). Key: text encoder + tokenizer
-             fingerprints, prompt template, max length, dtype, the prompt file's bytes, the negative prompt.
+             fingerprints, prompt template, max length, dtype, the prompt file's bytes (a TFDS source: name, version,
+             split, record count, file hash), the negative prompt.
     latents  table `real`: `latent [n, *latent_shape]` (the transformer's layout), `prompt [n]` (the JSONL record
              whose `image` it is, -1 for a folder image), `image [n]` (index in the sorted source list). Key: VAE
              fingerprint, resolution, mean or sample + seed, the image list with sizes and mtimes.
@@ -23,11 +24,7 @@ from typing import Callable
 import numpy as np
 
 from turbojax.cache import store
-from turbojax.data.prompts import read_prompts
-
-
-def _sha_file(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+from turbojax.data.prompts import prompts_fingerprint, read_config_prompts
 
 
 def _template(family: str) -> str:
@@ -49,14 +46,14 @@ def text_fields(cfg) -> dict:
     return {"family": family, "text_encoder": store.folder_fingerprint(folder / "text_encoder"),
             "tokenizer": store.folder_fingerprint(folder / "tokenizer"), "template": _template(family),
             "max_sequence_length": int(cfg.data.max_sequence_length), "dtype": str(cfg.dtype),
-            "prompts": _sha_file(cfg.data.prompts), "negative_prompt": str(cfg.data.negative_prompt),
+            "prompts": prompts_fingerprint(cfg.data), "negative_prompt": str(cfg.data.negative_prompt),
             "shard_size": int(cfg.data.cache_shard_size)}
 
 
 def image_sources(cfg) -> list[tuple[Path, int]]:
     """(path, prompt index or -1): the JSONL prompts' `image` fields, then the files of `data.images`."""
     from turbojax.data.images import list_images
-    src = read_prompts(cfg.data.prompts) if cfg.data.prompts else None
+    src = read_config_prompts(cfg.data) if cfg.data.prompts else None
     base = Path(cfg.data.prompts).parent if cfg.data.prompts else Path(".")
     out = [((base / img) if not Path(img).is_absolute() else Path(img), i)
            for i, img in enumerate(src.images if src else []) if img]
@@ -114,7 +111,7 @@ def _encode(pipe, texts: list[str], max_len: int, batch: int, dtype) -> list[np.
 
 
 def build_text(cfg, folder: Path, fields: dict, pipe, *, progress=print) -> dict:
-    src = read_prompts(cfg.data.prompts)
+    src = read_config_prompts(cfg.data)
     negs = [cfg.data.negative_prompt] + sorted({n for n in src.negatives if n is not None} -
                                                {cfg.data.negative_prompt})
     neg_id = np.asarray([0 if n is None else negs.index(n) for n in src.negatives], np.int32)
@@ -242,7 +239,7 @@ def cache_root(cfg, workdir=None) -> Path:
 
 def check(cfg) -> None:
     """Config mistakes and an unreadable / empty prompt file, before any pipeline is loaded."""
-    read_prompts(cfg.data.prompts)
+    read_config_prompts(cfg.data)
     for k in ("cache_shard_size", "encode_batch", "cache_bucket"):
         if int(cfg.data[k]) < 1:
             raise store.CacheError(f"--config.data.{k} must be >= 1, got {cfg.data[k]}")

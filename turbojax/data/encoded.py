@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from turbojax.data.batches import PromptBatches, _pad_len
-from turbojax.data.prompts import read_prompts
+from turbojax.data.prompts import read_config_prompts
 
 
 def _encode_all(pipe, texts, max_len: int, chunk: int, progress):
@@ -43,7 +43,7 @@ def _encode_all(pipe, texts, max_len: int, chunk: int, progress):
 
 def prompt_batches(cfg, pipe, *, progress=print):
     """(PromptBatches, latent shape of one sample in the model layout, caption length for Z-Image)."""
-    src = read_prompts(cfg.data.prompts)
+    src = read_config_prompts(cfg.data)
     progress(f"{len(src.prompts)} prompts from {cfg.data.prompts} ({src.skipped_blank} blank and "
              f"{src.skipped_duplicate} repeated lines skipped)")
     max_len = int(cfg.data.max_sequence_length)

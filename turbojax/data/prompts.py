@@ -2,7 +2,8 @@
 "image": ...}`; `image` a real image of the prompt, relative to the file's folder, for the latents cache).
 
 Blank lines are skipped and repeated prompts kept once (the first occurrence); a line that is not valid JSON, or a
-record without a non-empty string `prompt`, is an error naming the file and the line number.
+record without a non-empty string `prompt`, is an error naming the file and the line number. `tfds:NAME[:SPLIT]`
+reads a prepared TFDS dataset instead (see `tfds_source`).
 """
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ class Prompts:
     images: tuple = ()  # per prompt, the JSONL `image` path or None (empty for .txt files)
 
 
-def read_prompts(path) -> Prompts:
+def read_prompts(path, *, tfds_dir="", tfds_key="") -> Prompts:
+    if isinstance(path, str) and path.startswith("tfds:"):  # tfds imported only for such sources
+        from turbojax.data.tfds_source import read_tfds_prompts
+        return read_tfds_prompts(path, tfds_dir, tfds_key)
     path = Path(path)
     if not path.is_file():
         raise PromptFileError(f"{path}: prompt file not found")
@@ -66,3 +70,18 @@ def read_prompts(path) -> Prompts:
     if not prompts:
         raise PromptFileError(f"{path}: holds no prompts")
     return Prompts(prompts, negatives, blank, dup, tuple(images) if jsonl else ())
+
+
+def read_config_prompts(data) -> Prompts:
+    """`read_prompts` of a config's `data` block (`prompts`, and `tfds_dir` / `tfds_key` for `tfds:` sources)."""
+    return read_prompts(data.prompts, tfds_dir=data.get("tfds_dir", ""), tfds_key=data.get("tfds_key", ""))
+
+
+def prompts_fingerprint(data) -> str:
+    """The text cache's key of the prompt source: the file's sha256, or a TFDS dataset's name, version, split,
+    record count and file hash."""
+    if isinstance(data.prompts, str) and data.prompts.startswith("tfds:"):
+        from turbojax.data.tfds_source import fingerprint
+        return fingerprint(data.prompts, data.get("tfds_dir", ""), data.get("tfds_key", ""))
+    import hashlib
+    return hashlib.sha256(Path(data.prompts).read_bytes()).hexdigest()

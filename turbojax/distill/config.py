@@ -29,10 +29,13 @@ Every field, with the published values it follows (shared docs `distillation.md`
   gan.depths        feature taps as fractions of depth (FastGen: 0.5, 0.75, 0.99)
   gan.r1_weight     R1 penalty on the heads' inputs (Model-Optimizer: 0.1)
   gan.real_mix      fraction of D's reals drawn from real-image latents; the rest are teacher samples (Wuli mix)
-  data.kind         "digits" (the embedded demo) or "prompts": data.prompts (.txt / .jsonl) encoded at start-up by
-                    the pipeline's text encoder, data.negative_prompt for the teacher's CFG, data.width/height,
+  data.kind         "digits" (the embedded demo) or "prompts": data.prompts (.txt / .jsonl / tfds:) encoded at start-up
+                    by the pipeline's text encoder, data.negative_prompt for the teacher's CFG, data.width/height,
                     data.teacher_samples generated with data.teacher_steps as the discriminator's reals; or "cache":
                     the same inputs read from on-disk caches (`turbojax.cache`, built first when missing)
+  data.tfds_dir     data.prompts = "tfds:NAME[:VERSION][:SPLIT]" reads a TFDS dataset prepared (array_record) in
+                    this local folder through tfds.data_source, no TensorFlow, never a download
+  data.tfds_key     its text feature (default: "prompt", else "caption")
   data.cache_dir    where the caches live (default: <workdir>/cache); keyed sub-folders, so runs can share one
   data.images       a folder of real images (PNG/JPEG/WebP, recursive) for the latents cache (gan.real_mix > 0);
                     JSONL prompt records may also name an `image`
@@ -87,7 +90,8 @@ def dmd2_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(kind="prompts", prompts="", negative_prompt=" ", max_sequence_length=512,
                                             teacher_samples=64, teacher_samples_per_class=16, teacher_steps=50,
                                             width=1024, height=1024, cache_dir="", images="", latent_mode="mean",
-                                            cache_shard_size=1024, encode_batch=16, cache_bucket=64))
+                                            cache_shard_size=1024, encode_batch=16, cache_bucket=64,
+                                            tfds_dir="", tfds_key=""))
     c.batch_size = 4
     c.total_steps = 5000
     c.log_every = 10
