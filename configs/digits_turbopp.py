@@ -1,7 +1,7 @@
 """Z-Image Turbo++ style 2-step distillation on the digits demo: one LoRA per step, trained end to end.
 
     python train.py --config configs/digits_turbopp.py                          # workdir out/digits_turbopp
-    python train.py --config configs/digits_turbopp.py --config.dmd.weight 1    # with the optional DMD term
+    python train.py --config configs/digits_turbopp.py --config.dmd.weight 0    # without the optional DMD term
     python train.py --config configs/digits_turbopp.py --config.turbopp.end_to_end False  # the ablation
     python sample.py --student out/digits_turbopp
 
@@ -9,8 +9,10 @@ Step 1 (sigma 1 -> 0.75) and step 2 (0.75 -> 0) have their own LoRA (`lora_step1
 `lora_step2.safetensors` and their ComfyUI twins; `sampler.json` says which serves which step). The generator turn
 runs both steps from pure noise with gradient through the step-1 output; losses: the non-saturating GAN on
 frozen-teacher features with teacher samples as the reals (`gan.real_mix` 0), and the step-1 regression to the
-teacher's CFG-3 Euler trajectory state at sigma 0.75 from the same noise (`turbopp.teacher_steps` 16 sub-steps on
-[0, 1]; 8 of them reach 0.75). The paper's unknowns are config switches (see `turbojax/distill/turbopp.py`).
+teacher's CFG Euler trajectory state at sigma 0.75 from the same noise (`turbopp.teacher_steps` 16 sub-steps on
+[0, 1]; 8 of them reach 0.75), and the DMD term on the final image (`dmd.weight` 1). The paper's unknowns are config
+switches (see `turbojax/distill/turbopp.py`). Measured on the quality bench (3 seeds x 1,000 digits): with the DMD
+term FD 76.9, accuracy 96.5 %; without it (GAN + step-1 loss only) the student collapses, FD 258, recall 0.11.
 
 Per-step full copies of selected blocks instead of (or beside) the LoRAs, e.g. block 0 copied per step, no LoRA:
 
@@ -41,7 +43,7 @@ def get_config():
     c.turbopp.teacher_cfg = TEACHER_GUIDANCE
     c.turbopp.boundary_weight = 1.0
     c.dmd.real_cfg = TEACHER_GUIDANCE
-    c.dmd.weight = 0.0
+    c.dmd.weight = 1.0
     c.gan.weight = 0.05
     c.gan.real_mix = 0.0
     c.gan.depths = (0.5, 0.75, 1.0)
