@@ -197,7 +197,8 @@ def test_config_mistakes_are_one_error_line(tmp_path, pipes, dino_folder, capsys
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")
     common = ["--config", CONFIGS["qwen_image"], "--config.init_from", str(pipes["qwen_image"]),
-              "--config.data.prompts", str(prompts), "--config.gan.features", "dino"]
+              "--config.data.prompts", str(prompts), "--config.gan.features", "dino",
+              "--config.batch_size", "8"]  # divisible by the 8 simulated devices of the default mesh
     cases = [
         ([], "error: --config.gan.dino: give a DINOv2 folder"),
         (["--config.gan.dino", str(tmp_path / "nope")], "error: --config.gan.dino "),
