@@ -28,6 +28,20 @@ DEFAULT_CONFIG = HERE / "configs" / "digits_dmd2_gan.py"  # the embedded demo: D
 DISTILL_METHODS = ("dmd2", "pcm", "turbopp", "arcflow")
 
 
+
+def config_mesh(cfg):
+    """The config's (data, fsdp, tensor) mesh, checked against the batch size; one error line for either."""
+    from turbojax.sharding import make_mesh
+    try:
+        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    except ValueError as e:
+        raise UserError(f"--config.mesh: {e}") from None
+    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % n_batch_shards:
+        raise UserError(f"--config.batch_size {cfg.batch_size} must be a multiple of the {n_batch_shards} "
+                        f"data-parallel devices (mesh data x fsdp)")
+    return mesh
+
 def main(argv: list[str]) -> int:
     # Every command-line mistake is reported here, before JAX is imported or any folder is created.
     cfg, flag_values = config_lib.parse_args(argv, default_config=DEFAULT_CONFIG, flags={"workdir": None},
@@ -47,7 +61,7 @@ def main(argv: list[str]) -> int:
 
     from turbojax import lora, models
     from turbojax.nn import attention
-    from turbojax.sharding import batch_sharding, make_mesh, param_shardings
+    from turbojax.sharding import batch_sharding, param_shardings
     from turbojax.training.checkpoints import Checkpoints
     from turbojax.training.guards import MetricsBuffer, StopSignal
     from turbojax.training.metrics_log import MetricsLog
@@ -59,14 +73,7 @@ def main(argv: list[str]) -> int:
     # ---------------------------------------------------------------------------------------------------------
     # Mesh and frozen base model, sharded at birth
     # ---------------------------------------------------------------------------------------------------------
-    try:
-        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    except ValueError as e:
-        raise UserError(f"--config.mesh: {e}") from None
-    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.batch_size % n_batch_shards:
-        raise UserError(f"--config.batch_size {cfg.batch_size} must be a multiple of the {n_batch_shards} "
-                        f"data-parallel devices (mesh data x fsdp)")
+    mesh = config_mesh(cfg)
     if cfg.attention_impl not in attention.IMPLEMENTATIONS:  # otherwise only seen when the step is traced
         raise UserError(f"--config.attention_impl must be one of {', '.join(attention.IMPLEMENTATIONS)}; "
                         f"got {cfg.attention_impl!r}")
@@ -211,7 +218,6 @@ def distill(cfg, workdir: Path) -> int:
     from turbojax.distill import export as export_lib
     from turbojax.distill import methods, sharded
     from turbojax.distill.engine import Engine
-    from turbojax.sharding import make_mesh
     from turbojax.training.checkpoints import Checkpoints
     from turbojax.training.guards import MetricsBuffer, StopSignal
     from turbojax.training.metrics_log import MetricsLog
@@ -221,14 +227,7 @@ def distill(cfg, workdir: Path) -> int:
     jax.config.update("jax_compilation_cache_dir", str(HERE / ".jax_cache"))
     dtype = jnp.dtype(cfg.dtype)
     # The mesh first: a bad mesh or a batch it cannot split is reported before any data or model work
-    try:
-        mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    except ValueError as e:
-        raise UserError(f"--config.mesh: {e}") from None
-    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.batch_size % n_batch_shards:
-        raise UserError(f"--config.batch_size {cfg.batch_size} must be a multiple of the {n_batch_shards} "
-                        f"data-parallel devices (mesh data x fsdp)")
+    mesh = config_mesh(cfg)
     gan_cfg = cfg.get("gan") or {}
     dino_gan = gan_cfg.get("features") == "dino" and float(gan_cfg.get("weight", 0.0)) > 0
     if dino_gan:  # the DINOv2 discriminator's cheap checks, before any data work (it is loaded below)

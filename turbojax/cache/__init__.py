@@ -15,23 +15,15 @@
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from pathlib import Path
 
+from turbojax._lazy import lazy_submodules
 
-def __getattr__(name: str):  # submodules (store, build, records, loader) load on first use
-    if not name.startswith("_"):
-        try:
-            return importlib.import_module(f"{__name__}.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{name}":
-                raise
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, _submodules = lazy_submodules(__name__, __path__)  # store, build, records, loader load on first use
 
 
 def __dir__():
-    return sorted(set(globals()) | {m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")})
+    return sorted(set(globals()) | set(_submodules()))
 
 
 def training_data(cfg, workdir, *, progress=print):
