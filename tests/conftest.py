@@ -9,6 +9,9 @@ os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TURBOJAX_PROGRESS", "0")
+# libtpu is installed for the AOT plan tests (TPU topologies are compile-only here); keep the run on CPU so libtpu
+# does not probe for TPU workers (and print about it) whenever a test or a CLI subprocess starts JAX.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
