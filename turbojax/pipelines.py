@@ -11,9 +11,15 @@ and Z-Image(-Turbo), equal to diffusers' `QwenImagePipeline` / `ZImagePipeline` 
 
 Each stage (text encoding, the sampling loop, VAE decode) is a jitted function compiled once per shape; calls with
 new prompts of the same batch size and bucketed length reuse the compiled code.
+
+On a mesh (`from_diffusers(..., mesh=turbojax.sharding.make_mesh(...))`) the weights are loaded sharded by their
+logical axes, and every stage runs under `jax.set_mesh(mesh)` with the batch (noise, text embeddings, latents)
+laid out over data x fsdp when the number of images divides it (else replicated), so the activations'
+constraints and the splash attention's `shard_map` see the mesh; the result equals sampling without a mesh.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -68,6 +74,29 @@ class Text2ImagePipeline:
     # replaces the Euler loop when set: `schedule(steps, sigmas) -> sigmas` and `denoise(pipe, latents, cond,
     # sigmas, height=, width=) -> latents` (an ArcFlow student: `turbojax.distill.arcflow_heads.PipelineSampler`)
     sampler: Any = None
+    mesh: Any = None  # a jax.sharding.Mesh: the stages run on it (module docstring)
+
+    def _on_mesh(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def _place_batch(self, tree):
+        """Batch-leading arrays over data x fsdp when the batch divides them, else replicated (no mesh: as is).
+        A list (Z-Image's per-prompt caption arrays, `[L_i, D]` each) has no batch axis: replicated."""
+        if self.mesh is None:
+            return tree
+        per_sample = isinstance(tree, list)
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from turbojax.sharding import batch_sharding
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+        def put(x):
+            if x is None:
+                return None
+            x = jnp.asarray(x)
+            ok = not per_sample and x.ndim >= 1 and x.shape[0] % shards == 0
+            return jax.device_put(x, batch_sharding(self.mesh) if ok else NamedSharding(self.mesh, PartitionSpec()))
+        return jax.tree.map(put, tree, is_leaf=lambda x: x is None)
 
     # ---- stages ----
     def encode_prompts(self, prompts: Sequence[str], max_sequence_length: int = 512):
@@ -145,9 +174,16 @@ class Text2ImagePipeline:
             guidance = 1.0 if guidance is None else guidance
         if width % 16 or height % 16 or width <= 0 or height <= 0:
             raise PipelineError(f"width and height must be positive multiples of 16, got {width}x{height}")
+        with self._on_mesh():
+            return self._generate(prompts, negative_prompt, steps, guidance, width, height, seed, noise, sigmas,
+                                  scheduler, max_sequence_length, cfg_normalization, cfg_truncation, tiled_decode,
+                                  timings)
+
+    def _generate(self, prompts, negative_prompt, steps, guidance, width, height, seed, noise, sigmas, scheduler,
+                  max_sequence_length, cfg_normalization, cfg_truncation, tiled_decode, timings):
         times = timings if timings is not None else {}
         t0 = time.perf_counter()
-        cond = self.encode_prompts(prompts, max_sequence_length)
+        cond = self._place_batch(self.encode_prompts(prompts, max_sequence_length))
         use_cfg = guidance > 1.0 if self.family == "qwen_image" else guidance > 0.0
         neg = None
         if use_cfg and (negative_prompt is not None or self.family == "z_image"):
@@ -155,7 +191,7 @@ class Text2ImagePipeline:
             negs = [negs] * len(prompts) if isinstance(negs, str) else list(negs)
             if len(negs) != len(prompts):
                 raise PipelineError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
-            neg = self.encode_prompts(negs, max_sequence_length)
+            neg = self._place_batch(self.encode_prompts(negs, max_sequence_length))
         jax.block_until_ready(cond)
         t1 = time.perf_counter()
         latents = self.noise(seed, len(prompts), height, width) if noise is None else jnp.asarray(noise, jnp.float32)
@@ -163,6 +199,7 @@ class Text2ImagePipeline:
         if tuple(latents.shape) != expected:
             raise PipelineError(f"noise has shape {tuple(latents.shape)}, expected {expected} for "
                                 f"{len(prompts)} images of {width}x{height}")
+        latents = self._place_batch(latents)
         if self.sampler is not None:
             try:
                 s = self.sampler.schedule(steps, sigmas)
@@ -213,12 +250,13 @@ def from_diffusers(folder, *, loras=(), dtype=jnp.float32, text_dtype=None, vae_
     text_encoder = models.from_diffusers(folder / "text_encoder", dtype=text_dtype or dtype,
                                          scan_layers=scan_layers, attention_impl=attention_impl, mesh=mesh,
                                          progress=progress)
-    vae = models.from_diffusers(folder / "vae", dtype=vae_dtype, progress=progress)
+    vae = models.from_diffusers(folder / "vae", dtype=vae_dtype, mesh=mesh, progress=progress)
     expected_vae = "qwen_image_vae" if family == "qwen_image" else "autoencoder_kl"
     if vae.family != expected_vae:
         raise PipelineError(f"{folder}/vae holds a {vae.family} model; {family} pipelines use {expected_vae}")
     return Text2ImagePipeline(family, transformer, vae, text_encoder, text.load_tokenizer(folder / "tokenizer"),
-                              schedules.SchedulerConfig.from_pretrained(folder), name=folder.name, sampler=sampler)
+                              schedules.SchedulerConfig.from_pretrained(folder), name=folder.name, sampler=sampler,
+                              mesh=mesh)
 
 
 def _with_loras(transformer, loras, family):
