@@ -8,8 +8,8 @@ Implementations:
   * "auto"    – "chunked" on CPU, "xla" elsewhere ("chunked" loops over (batch, head) pairs one at a time, which
     suits a 2-core CPU but would serialise an accelerator).
   * "cudnn"   – `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, bf16/fp16 only).
-  * "splash"  – slot for the TPU Pallas splash kernel; raises until the TPU work lands, so a config that asks for
-    it fails loudly instead of silently running something else.
+  * "splash"  – the Pallas TPU splash kernel (`turbojax.nn.splash`), inside `jax.shard_map` when a mesh is set
+    (batch over data x fsdp, heads over tensor); Pallas interpret mode off TPU (exact, slow: for tests).
 
 Why "chunked" is faster on XLA:CPU (measured on a 2-core AVX-512 host, B=1, S=1088, H=8, D=64, fp32:
 reference ~50 ms, chunked ~15 ms):
@@ -312,7 +312,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | No
         mask = None if key_mask is None else key_mask[:, None, None, :]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,
                                             implementation="cudnn")
-    if impl == "splash":
-        raise NotImplementedError("attention impl 'splash' (TPU Pallas) is a reserved slot and not available yet; "
-                                  "use 'xla', 'chunked' or 'cudnn'")
+    if impl == "splash":  # imported here: the Pallas TPU modules are only needed by this path
+        from turbojax.nn.splash import splash_attention
+        return splash_attention(q, k, v, key_mask, scale=scale, causal=causal)
     raise ValueError(f"unknown attention impl {impl!r}; choose one of {IMPLEMENTATIONS}")
