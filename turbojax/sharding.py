@@ -27,6 +27,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("text_embed", "fsdp"),
     ("embed_out", "tensor"),
     ("head_dim", None),
+    ("lora_rank", "fsdp"),  # a LoRA factor's rank dim, used only when its kernel's axes leave it unsharded
 )
 
 
@@ -84,3 +85,30 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) axis over data x fsdp (the axes of size > 1), everything else replicated."""
     axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
     return NamedSharding(mesh, PartitionSpec(axes or None))
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules=DEFAULT_RULES) -> jax.Array:
+    """`x` constrained to the sharding its logical axes resolve to on the mesh set by `jax.set_mesh`; a no-op
+    without one (tests, one device), so code calls it unconditionally. Activations use "batch", "length", "embed",
+    "heads". Rules naming a mesh axis the current mesh lacks are skipped."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or len(logical_axes) != x.ndim:
+        return x
+    names = set(mesh.axis_names)
+    usable = []
+    for name, axes in rules:
+        cand = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if all(a in names for a in cand):
+            usable.append((name, axes))
+    spec = logical_to_spec(logical_axes, x.shape, mesh, tuple(usable))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+RESIDUAL_AXES = ("batch", "length", "embed")
+
+
+def constrain_residual(tree):
+    """Every `[B, L, D]` array of `tree` (a block stack's carry: the residual streams) constrained to
+    ("batch", "length", "embed"): one sample per data-parallel chip, so XLA never gathers the batch inside the
+    stack (`scale.md` §0 cause 2). Arrays of other ranks pass through."""
+    return jax.tree.map(lambda x: constrain(x, RESIDUAL_AXES) if getattr(x, "ndim", 0) == 3 else x, tree)

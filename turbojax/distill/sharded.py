@@ -84,7 +84,11 @@ def _leaf_spec(parts: tuple[str, ...], shape, axes_of: Mapping[str, tuple], mesh
             if kernel is None or len(kernel) < 2:
                 continue
             names = (kernel[-2], None) if parts[-1] == "a" else (None, kernel[-1])
-            return logical_to_spec(names, shape, mesh, rules)
+            spec = logical_to_spec(names, shape, mesh, rules)
+            if not any(spec):  # unsharded (`b` of a heads/mlp kernel on an fsdp-only mesh): the rank dim instead
+                names = (kernel[-2], "lora_rank") if parts[-1] == "a" else ("lora_rank", kernel[-1])
+                spec = logical_to_spec(names, shape, mesh, rules)
+            return spec
     for i in range(len(parts)):  # a copy of a base weight (possibly a subset of a stack's layers)
         axes = axes_of.get(".".join(parts[i:]))
         if axes is not None and len(shape) >= len(axes):

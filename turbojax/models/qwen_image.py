@@ -23,6 +23,7 @@ from flax import nnx
 from turbojax.nn.attention import attention
 from turbojax.nn.layers import Linear, RMSNorm, broadcast_rows, gelu_tanh, layer_norm, timestep_sinusoid
 from turbojax.nn.blocks import make_blocks, run_blocks
+from turbojax.sharding import constrain_residual
 from turbojax.nn.remat import remat_policy
 from turbojax.nn.rope import apply_rope, rope_angles
 
@@ -248,6 +249,8 @@ class QwenImageTransformer(nnx.Module):
         temb = self.time_linear_2(jax.nn.silu(self.time_linear_1(
             timestep_sinusoid(timestep, 256, scale=1000.0, dtype=dt).astype(dt))))
         temb_silu = jax.nn.silu(temb)
+        # the streams entering the stack: one sample per data-parallel chip on a mesh (no-op without one)
+        img, txt = constrain_residual((img, txt))
 
         img_pos, txt_pos = qwen_rope_positions(img_shapes, txt.shape[1])
         if img_pos.shape[0] != img.shape[1]:
@@ -265,6 +268,7 @@ class QwenImageTransformer(nnx.Module):
         res = run_blocks(self.transformer_blocks, (img, txt), (temb_silu, key_mask, rope), scan=self.scan_layers,
                          remat=self.remat, taps=taps)
         (img, txt), feats = res if taps else (res, None)
+        img = constrain_residual(img)  # leaving the stack
 
         scale, shift = jnp.split(self.norm_out(temb_silu)[:, None, :], 2, axis=-1)
         hidden = layer_norm(img, 1e-6) * (1 + scale) + shift

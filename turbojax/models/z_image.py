@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from turbojax.nn.blocks import make_blocks, run_blocks
+from turbojax.sharding import constrain_residual
 from turbojax.nn.attention import attention
 from turbojax.nn.layers import Linear, RMSNorm, SwiGLU, broadcast_rows, layer_norm
 from turbojax.nn.remat import remat_policy
@@ -369,7 +370,7 @@ class ZImageTransformer(nnx.Module):
                      plan.cap_rope, None)
 
         # unified sequence per sample: [image incl. pad-to-32 | caption incl. pad-to-32], then batch padding
-        uni = jnp.concatenate([img, cap], axis=1)
+        uni = constrain_residual(jnp.concatenate([img, cap], axis=1))  # entering the main stack (no-op off a mesh)
         if plan.uni_index is not None:
             uni = jnp.take_along_axis(uni, jnp.asarray(plan.uni_index)[..., None], axis=1)
             uni = jnp.where(jnp.asarray(plan.uni_valid)[..., None], uni, 0)
@@ -378,6 +379,7 @@ class ZImageTransformer(nnx.Module):
         res = run_blocks(self.layers, (uni,), (adaln, uni_mask, cos, sin), scan=self.scan_layers,
                          remat=self.remat, taps=taps)
         (uni,), feats = res if taps else (res, None)
+        uni = constrain_residual(uni)  # leaving the stack: still one sample per data-parallel chip on a mesh
 
         scale = 1.0 + self.final_mod(jax.nn.silu(adaln))[:, None, :]
         hidden = layer_norm(uni, 1e-6) * scale

@@ -1,6 +1,7 @@
 """Running a stack of identical blocks: scanned over a stacked `layers` axis, or looped, with optional remat."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence
 
 import jax
@@ -9,6 +10,22 @@ import numpy as np
 from flax import nnx
 
 from turbojax.nn.remat import remat_policy
+from turbojax.sharding import constrain_residual
+
+
+_UNROLL = {"scans": False}
+
+
+@contextlib.contextmanager
+def unrolled_scans():
+    """Within (while tracing): block scans are fully unrolled. Cost analysis counts a loop body once, so the AOT plan
+    (`turbojax.plan`) traces small 1- and 2-layer copies unrolled to count the FLOPs of one layer."""
+    saved = _UNROLL["scans"]
+    _UNROLL["scans"] = True
+    try:
+        yield
+    finally:
+        _UNROLL["scans"] = saved
 
 
 def make_blocks(make_one: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs, *, scan: bool):
@@ -27,13 +44,17 @@ def run_blocks(blocks, carry, consts, *, scan: bool, remat: str, taps: Sequence[
     """Apply a stack of blocks to `carry`: scanned over the leading `layers` axis, or looped over a list.
 
     With `taps` (0-based block indices), also return `[carry[0] after block i for i in taps]` (the feature taps of
-    the distillation discriminators); the scan then emits `carry[0]` of every layer and the taps are gathered."""
+    the distillation discriminators); the scan then emits `carry[0]` of every layer and the taps are gathered.
+
+    On a mesh (`jax.set_mesh`) the `[B, L, D]` streams of the carry are constrained to ("batch", "length", "embed")
+    on entry and after every block, so each chip keeps its own samples through the stack; without one, a no-op."""
     policy = remat_policy(remat)
     collect = bool(taps)
+    carry = constrain_residual(carry)
 
     def make_body(graphdef):
         def body(c, layer_state):
-            out = nnx.merge(graphdef, layer_state)(*c, *consts)
+            out = constrain_residual(nnx.merge(graphdef, layer_state)(*c, *consts))
             return out, (out[0] if collect else None)
         return body if policy is False else jax.checkpoint(body, policy=policy, prevent_cse=not scan)
 
@@ -48,7 +69,7 @@ def run_blocks(blocks, carry, consts, *, scan: bool, remat: str, taps: Sequence[
         def scan_body(c, xs):
             layer_shadow, layer_bits = xs
             return body(c, jax.tree.map(_from_bits_or_same, layer_bits, layer_shadow, is_leaf=lambda x: x is None))
-        carry, ys = jax.lax.scan(scan_body, carry, (shadow, bits))
+        carry, ys = jax.lax.scan(scan_body, carry, (shadow, bits), unroll=_UNROLL["scans"])
         return (carry, [ys[i] for i in taps]) if collect else carry
     outs = []
     for block in blocks:

@@ -1,0 +1,155 @@
+"""`python -m turbojax.plan`: flags, the run over the steps, the printed table and the JSON.
+
+    python -m turbojax.plan --config configs/qwen_image_dmd2_gan.py --topology v5e:4x4 [--num-slices K]
+        [--mesh data=1,fsdp=-1,tensor=1] [--remat POLICY] [--resolution 1024] [--batch-per-chip 1]
+        [--text-len 256] [--attention xla] [--model PRESET] [--flops layers|raw] [--json OUT] [--config.x=y ...]
+
+--mesh      mesh sizes over the topology's chips (one -1 fills; default: all chips on fsdp)
+--remat     the block remat policy (none, full, dots, dots_no_batch, nothing_saveable; default: the config's)
+--batch-per-chip  samples per data-parallel shard (data x fsdp); the global batch is this x data x fsdp
+--text-len  prompt tokens per sample (Qwen-Image: padded text; Z-Image: caption length)
+--attention attention_impl of the base (xla, chunked; splash once it lands) [default xla]
+--model     base preset (default: the config's `model`, else from the config's file name: qwen_image, z_image_turbo)
+--flops     layers: FLOPs corrected for the scan by compiling 1- and 2-layer unrolled copies (2 small extra compiles
+            per step); raw: cost_analysis as is (the scanned stack counted once)
+--json      write {"topology", "mesh", "steps": {STEP: {...}}} atomically
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from turbojax.training import UserError
+from turbojax.training import config as config_lib
+
+ROOT = Path(__file__).resolve().parents[2]
+FLAGS = {"topology": None, "num-slices": "1", "mesh": "data=1,fsdp=-1,tensor=1", "remat": "", "resolution": "1024",
+         "batch-per-chip": "1", "text-len": "256", "attention": "xla", "model": "", "flops": "layers", "json": ""}
+
+
+def _int(flags, name: str, minimum: int = 1) -> int:
+    try:
+        v = int(flags[name])
+    except ValueError:
+        raise UserError(f"--{name} {flags[name]!r}: not an integer") from None
+    if v < minimum:
+        raise UserError(f"--{name} {v}: must be >= {minimum}")
+    return v
+
+
+def main(argv: list[str]) -> int:
+    cfg, flags = config_lib.parse_args(argv, default_config=ROOT / "configs" / "qwen_image_dmd2_gan.py", flags=FLAGS,
+                                       search_dirs=[ROOT], prog="python -m turbojax.plan")
+    config_lib.validate(cfg)
+    if not flags["topology"]:
+        raise UserError("--topology: give a TPU topology such as v5e:4x4 or v5p:4x4x4")
+    num_slices, resolution = _int(flags, "num-slices"), _int(flags, "resolution")
+    batch_per_chip, text_len = _int(flags, "batch-per-chip"), _int(flags, "text-len")
+    if flags["flops"] not in ("layers", "raw"):
+        raise UserError(f"--flops {flags['flops']!r}: choose layers or raw")
+    from turbojax.nn.attention import IMPLEMENTATIONS
+    from turbojax.nn.remat import remat_policy
+    if flags["attention"] not in IMPLEMENTATIONS or flags["attention"] == "auto":
+        raise UserError(f"--attention {flags['attention']!r}: choose one of "
+                        f"{', '.join(i for i in IMPLEMENTATIONS if i != 'auto')} (auto would pick the host's)")
+    if flags["remat"]:
+        try:
+            remat_policy(flags["remat"])
+        except ValueError as e:
+            raise UserError(f"--remat: {e}") from None
+        cfg.remat = flags["remat"]
+    out = Path(flags["json"]).resolve() if flags["json"] else None
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise UserError(f"--json {flags['json']}: " + ("is a folder" if out.is_dir() else "its folder does not exist"))
+
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # compile-only: no metadata server to ask
+    # compile-only devices use no chip: another process's libtpu (holding its lock file) must not stop the plan
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    import jax
+    from turbojax.plan import build as build_lib
+    from turbojax.plan import measure
+    from turbojax.plan.topology import PlanError, build_mesh, chip_of, parse_mesh, topology_devices
+    try:
+        sizes = parse_mesh(flags["mesh"])
+        devices = topology_devices(flags["topology"], num_slices)
+        chip = chip_of(devices)
+        mesh = build_mesh(devices, sizes, num_slices)
+        preset = build_lib.model_preset(cfg, _config_path(argv), flags["model"])
+        kw = dict(resolution=resolution, batch_per_chip=batch_per_chip, text_len=text_len,
+                  attention=flags["attention"])
+        setup = build_lib.build(cfg, preset, mesh, **kw)  # eager host work: not under the TPU mesh
+    except PlanError as e:
+        raise UserError(str(e)) from None
+    mesh_desc = {a: int(n) for a, n in mesh.shape.items()}
+    nl = getattr(setup.model_config, "num_layers", None) or setup.model_config.n_layers
+    print(f"plan: {preset} ({setup.num_params / 1e6:.1f}M frozen, {setup.num_trainable / 1e6:.1f}M trainable), "
+          f"method {cfg.method}, {resolution}px, global batch {setup.global_batch}, text {text_len}, remat "
+          f"{cfg.remat}, attention {flags['attention']}; {flags['topology']} x{num_slices} ({len(devices)} chips "
+          f"{chip.name}, HBM {chip.hbm_bytes / 2**30:.2f} GiB), mesh {mesh_desc}", flush=True)
+
+    small = {}
+    if flags["flops"] == "layers":  # per-layer FLOPs from unrolled 1- and 2-layer copies (see measure.py)
+        from turbojax.nn.blocks import unrolled_scans
+        for n in (1, 2):
+            s = build_lib.build(cfg, preset, mesh, num_layers=n, **kw)
+            # traced under the mesh (the models' activation constraints see it), block scans unrolled
+            with jax.set_mesh(mesh), unrolled_scans():
+                small[n] = {st.name: measure.cost_only(st) for st in s.steps}
+    steps = {}
+    for step in setup.steps:
+        print(f"compiling {step.name} ...", flush=True)
+        with jax.set_mesh(mesh):
+            r = measure.compile_step(step)
+        if small:
+            (f1, b1), (f2, b2) = small[1][step.name], small[2][step.name]
+            r["flops_per_device"] = measure.corrected(f1, f2, nl)
+            r["bytes_per_device"] = measure.corrected(b1, b2, nl)
+            r["flops_method"] = f"unrolled 1- and 2-layer compiles, x{nl} layers"
+        elif "flops_raw" in r:
+            r["flops_per_device"], r["bytes_per_device"] = r["flops_raw"], r["bytes_accessed_raw"]
+            r["flops_method"] = "cost_analysis (scan body counted once)"
+        steps[step.name] = measure.summarise(r, chip)
+        _print_step(step.name, steps[step.name])
+    result = {"topology": flags["topology"], "num_slices": num_slices, "mesh": mesh_desc, "chip": chip.name,
+              "model": preset, "method": cfg.method, "resolution": resolution, "global_batch": setup.global_batch,
+              "batch_per_chip": batch_per_chip, "text_len": text_len, "remat": cfg.remat,
+              "attention": flags["attention"], "num_params": setup.num_params,
+              "num_trainable": setup.num_trainable, "steps": steps,
+              "note": "est_step_seconds is a roofline ESTIMATE: max(flops / (0.5 x bf16 peak), bytes / HBM BW)"}
+    if out is not None:
+        from turbojax.convert.atomic import commit_file
+        data = (json.dumps(result, indent=1) + "\n").encode()
+        commit_file(out, lambda f: f.write(data))
+        print(f"wrote {out}")
+    return 0  # not fitting is a result, not a failure: see "fits"
+
+
+def _config_path(argv: list[str]) -> str:
+    path = ""
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif a.startswith("--config="):
+            path = a.split("=", 1)[1]
+    return path or "qwen_image_dmd2_gan.py"
+
+
+def _gib(b) -> str:
+    return "?" if b is None else f"{b / 2**30:.2f}"
+
+
+def _print_step(name: str, s: dict) -> None:
+    fl = s["flops_per_device"]
+    est = s["est_step_seconds"]
+    print(f"  {name}: args {_gib(s['argument_bytes'])} + out {_gib(s['output_bytes'])} + temp "
+          f"{_gib(s['temp_bytes'])} - alias {_gib(s['alias_bytes'])} = {_gib(s['total_bytes'])} GiB of "
+          f"{_gib(s['hbm_bytes'])}: fits {'yes' if s['fits'] else 'NO'}; "
+          + (f"{fl:.3e} FLOPs/device, est. {est:.3f} s/step (roofline estimate)" if fl is not None else "FLOPs n/a")
+          + (f"\n    compiler: {s['compiler_error']}" if s.get("compiler_error") else ""), flush=True)
+
+
+def run(argv: list[str] | None = None) -> int:
+    from turbojax.training import run_cli
+    return run_cli(main, argv if argv is not None else sys.argv[1:])
