@@ -14,6 +14,10 @@ Image i uses noise from seed + i, so results do not depend on `--batch-size`. `-
 from given latents instead, to compare with other implementations: the pipeline's layout (Qwen-Image packed
 [N, (H/16)(W/16), 64], Z-Image [N, 16, H/8, W/8]) or the unpacked `torch.randn` layouts [N, 16, H/8, W/8],
 [N, 16, 1, H/8, W/8] and [N, 1, 16, H/8, W/8], which are packed as diffusers' pipelines pack them.
+
+Multi-host (`--coordinator-address HOST:PORT --num-processes N --process-id I`, or `--distributed-auto` on Cloud TPU
+/ SLURM): every process runs the same command; the batches are dealt out round-robin over the processes (each on
+its own devices), gathered to process 0, which alone writes `--out` and prints. The images equal a one-process run.
 """
 from __future__ import annotations
 
@@ -370,6 +374,23 @@ def latent_channels(model: Path, family: str) -> int | None:
     return v // 4 if family == "qwen_image" else v
 
 
+def gather_batches(images: list, batches: list, batch_size: int) -> list:
+    """Every process's batches (round-robin, see `main`) in batch order on every process: each pads its images to
+    the same count of full batches for `process_allgather` (a collective: all processes call it)."""
+    import jax
+    from jax.experimental import multihost_utils
+    nproc, per = jax.process_count(), -(-len(batches) // jax.process_count())
+    shape = images[0].shape[1:] if images else None
+    shapes = multihost_utils.process_allgather(np.asarray(shape or (0, 0, 0), np.int64))
+    shape = tuple(int(x) for x in shapes.max(0))  # a process with no batch learns the image shape
+    local = np.zeros((per * batch_size, *shape), np.uint8)
+    for j, im in enumerate(images):
+        local[j * batch_size:j * batch_size + len(im)] = im
+    everyone = np.asarray(multihost_utils.process_allgather(local))  # [nproc, per * batch_size, H, W, C]
+    return [everyone[j % nproc, (j // nproc) * batch_size:(j // nproc) * batch_size + len(idx)]
+            for j, idx in enumerate(batches)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="diffusers pipeline folder (or a turbojax export of one); without it, sample.py "
@@ -413,7 +434,38 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--teacher", action="store_true", help="sample the teacher (with --steps, --guidance)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace existing files with exactly the names this run writes (nothing else)")
+    m = p.add_argument_group("multi-host (turbojax.distributed; default: one process)")
+    m.add_argument("--coordinator-address", default="", help="process 0's HOST:PORT")
+    m.add_argument("--num-processes", type=positive_int, default=1)
+    m.add_argument("--process-id", type=_int, default=0)
+    m.add_argument("--local-device-ids", default="", help="this process's devices, e.g. 0,1")
+    m.add_argument("--distributed-auto", action="store_true",
+                   help="let jax detect the cluster (Cloud TPU, GKE, SLURM, Open MPI)")
+    m.add_argument("--distributed-timeout", type=_float, default=300.0, help="seconds to wait for the others")
     return p
+
+
+def join_processes(args) -> bool:
+    """jax.distributed for a multi-host run (before any JAX computation); True when several processes run."""
+    from turbojax import distributed
+    from turbojax.training.errors import UserError
+    s = distributed.Settings(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                             process_id=args.process_id, local_device_ids=args.local_device_ids,
+                             auto=args.distributed_auto, timeout_s=args.distributed_timeout)
+    try:
+        distributed.initialize(s, where="--distributed")
+    except UserError as e:  # name our flags, not the config keys
+        msg = str(e)
+        for key, flag in (("--distributed.coordinator_address", "--coordinator-address"),
+                          ("--distributed.num_processes", "--num-processes"),
+                          ("--distributed.process_id", "--process-id"),
+                          ("--distributed.local_device_ids", "--local-device-ids"),
+                          ("--distributed.timeout_s", "--distributed-timeout"),
+                          ("--distributed.auto", "--distributed-auto")):
+            msg = msg.replace(key, flag)
+        fail(msg.replace("--distributed:", "--distributed-auto:"))
+    import jax
+    return jax.process_count() > 1
 
 
 def main(argv=None) -> int:
@@ -427,6 +479,9 @@ def main(argv=None) -> int:
     if args.model is None and args.arcflow is not None:
         fail("--arcflow needs --model (a pipeline folder)")
     if args.model is None:
+        if args.coordinator_address or args.num_processes > 1 or args.distributed_auto:
+            fail("--num-processes / --coordinator-address / --distributed-auto need --model (the digits demo runs "
+                 "on one process)")
         from turbojax.digits import cli as digits_cli
         return digits_cli.run(args, fail)
     for flag in ("num", "method", "student"):
@@ -493,11 +548,13 @@ def main(argv=None) -> int:
     for path, _ in step_loras:
         check_lora_file(path, family, "--lora-step")
     step_blocks = parse_blocks_steps(args.blocks_step, steps) if args.blocks_step else []
+    multi = join_processes(args)  # before any JAX computation (a no-op for one process)
     noise = None
     if args.noise is not None:
         raw = load_noise(args.noise)
         noise = fit_noise(raw, args.noise, family, len(prompts), height, width, latent_channels(model, family))
 
+    import jax
     import jax.numpy as jnp
 
     from turbojax.pipelines import from_diffusers
@@ -522,12 +579,14 @@ def main(argv=None) -> int:
                           shape[2] // 4 if family == "qwen_image" else shape[1])
     batches = [list(range(i, min(i + args.batch_size, len(prompts)))) for i in range(0, len(prompts),
                                                                                      args.batch_size)]
-    images, metas = [], []
+    pid, nproc = (jax.process_index(), jax.process_count()) if multi else (0, 1)
+    mine = batches[pid::nproc]  # round-robin: batch j is sampled by process j % nproc
+    images = []
     lora_meta = ",".join([f"{Path(f).name}:{s}" for f, s in loras]
                          + [f"step{i + 1}={Path(f).name}:{s}" for i, (f, s) in enumerate(step_loras)]
                          + [f"step{i + 1}={Path(f).name}" for i, f in enumerate(step_blocks)])
     try:
-        for idx in progress_bar(batches, desc="sampling", enabled=len(batches) > 1, unit="batch"):
+        for idx in progress_bar(mine, desc="sampling", enabled=len(batches) > 1 and pid == 0, unit="batch"):
             if noise is not None:
                 z = noise[idx]
             else:
@@ -538,13 +597,16 @@ def main(argv=None) -> int:
                                max_sequence_length=cfg.max_sequence_length,
                                cfg_normalization=cfg.cfg_normalization, cfg_truncation=cfg.cfg_truncation,
                                tiled_decode=True if args.tiled_decode else None))
-            metas += [dict(prompt=prompts[i], seed=args.seed + i, steps=steps, guidance=guidance, model=model.name,
-                           loras=lora_meta, **({"noise": f"{Path(args.noise).name}[{i}]"} if noise is not None
-                                               else {}),
-                           **({"arcflow": Path(args.arcflow).name} if arcflow is not None else {}))
-                      for i in idx]
     except PipelineError as e:
         fail(str(e))
+    if multi:
+        images = gather_batches(images, batches, args.batch_size)
+        if pid != 0:
+            return 0  # process 0 writes
+    metas = [dict(prompt=prompts[i], seed=args.seed + i, steps=steps, guidance=guidance, model=model.name,
+                  loras=lora_meta, **({"noise": f"{Path(args.noise).name}[{i}]"} if noise is not None else {}),
+                  **({"arcflow": Path(args.arcflow).name} if arcflow is not None else {}))
+             for idx in batches for i in idx]
     try:
         written = image_out.write_output(plan, np.concatenate(images), metas)
     except image_out.OutputError as e:

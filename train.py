@@ -11,9 +11,15 @@ discriminator heads, their optimizer states and EMA) are differentiated and chec
 base stay fixed. Training resumes from the
 latest checkpoint in the workdir. The reusable machinery lives in `turbojax.training` (config checks, checkpoints,
 NaN/Inf and SIGTERM guards, metrics log); this file only tells the story.
+
+Multi-host (`--config.distributed.*`, `turbojax.distributed`): every process runs this script with the same config
+(and its own `process_id`, or `distributed.auto` on Cloud TPU / SLURM); the mesh spans all hosts' devices, each host
+reads only its rows of every global batch, Orbax checkpoints are saved and restored by all processes together, and
+process 0 alone prints, logs, draws sample grids and writes the exports.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -27,6 +33,30 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "configs" / "digits_dmd2_gan.py"  # the embedded demo: DMD2 + GAN on the digits teacher
 DISTILL_METHODS = ("dmd2", "pcm", "turbopp", "arcflow")
 
+
+class _NoLog:
+    """The metrics log of processes other than 0 (only process 0 writes files)."""
+
+    def write(self, step, metrics) -> str:
+        return ""
+
+
+def _say(*args, **kwargs):
+    """print on process 0 only (after jax.distributed is joined; one process: always)."""
+    from turbojax import distributed
+    if distributed.is_primary():
+        print(*args, **kwargs)
+
+
+def _any_process(flag: bool) -> bool:
+    """True on every process when `flag` is True on any (a SIGTERM seen by one host stops all at the same step;
+    a collective, so every process calls it every step)."""
+    import jax
+    if jax.process_count() == 1:
+        return bool(flag)
+    import numpy as np
+    from jax.experimental import multihost_utils
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
 
 
 def config_mesh(cfg):
@@ -49,6 +79,9 @@ def main(argv: list[str]) -> int:
     config_lib.validate(cfg)
     workdir = config_lib.check_workdir(flag_values["workdir"] or cfg.workdir,
                                        "--workdir" if flag_values["workdir"] else "--config.workdir")
+    # Multi-host: join the other processes before any JAX computation (a no-op for one process)
+    from turbojax import distributed
+    distributed.initialize(distributed.settings(cfg.get("distributed")), where="--config.distributed")
     if cfg.get("method") in DISTILL_METHODS:
         return distill(cfg, workdir)
 
@@ -59,7 +92,7 @@ def main(argv: list[str]) -> int:
     from absl import logging as absl_logging
     from flax import nnx
 
-    from turbojax import lora, models
+    from turbojax import distributed, lora, models
     from turbojax.nn import attention
     from turbojax.sharding import batch_sharding, param_shardings
     from turbojax.training.checkpoints import Checkpoints
@@ -96,8 +129,9 @@ def main(argv: list[str]) -> int:
         raise UserError(f"cannot build the {source}: {e}") from None
     graphdef, frozen = nnx.split(base)
     mcfg = base.config
-    print("base model %s: %.2fM params" % (cfg.model,
-                 sum(int(np.prod(v.shape)) for v in jax.tree.leaves(frozen)) / 1e6), flush=True)
+    primary = distributed.is_primary()
+    _say("base model %s: %.2fM params" % (cfg.model,
+                sum(int(np.prod(v.shape)) for v in jax.tree.leaves(frozen)) / 1e6), flush=True)
 
     # ---------------------------------------------------------------------------------------------------------
     # Trainables: LoRA a/b (fp32 masters) + optimizer; the scale alpha/r is fixed, outside the gradient
@@ -156,48 +190,60 @@ def main(argv: list[str]) -> int:
     try:
         train_state, start = ckpt.restore_latest(train_state)
         if start:
-            print(f"resumed from step {start}", flush=True)
+            _say(f"resumed from step {start}", flush=True)
 
         # -----------------------------------------------------------------------------------------------------
         # Loop: the host syncs only to log or to save, and a state is saved only after its metrics (and those
         # of every step before it) were found finite. SIGTERM saves the current step and exits 0.
         # -----------------------------------------------------------------------------------------------------
         if start >= cfg.total_steps:
-            print(f"nothing to train: the checkpoint is at step {start}, total_steps is {cfg.total_steps}",
-                  flush=True)
+            _say(f"nothing to train: the checkpoint is at step {start}, total_steps is {cfg.total_steps}",
+                 flush=True)
         bsh = batch_sharding(mesh)
+        try:  # this host's rows of every global batch (all rows on one host)
+            host, hosts = distributed.host_rows(bsh, cfg.batch_size)
+        except ValueError as e:
+            raise UserError(f"--config.mesh: {e}") from None
+        rows = slice(host * cfg.batch_size // hosts, (host + 1) * cfg.batch_size // hosts)
         buffer = MetricsBuffer()
-        with MetricsLog(workdir / "metrics.jsonl", resume_step=start) as metrics_log, StopSignal() as stop:
-            for step in progress_bar(range(start + 1, cfg.total_steps + 1), desc="train",
+        log_cm = (MetricsLog(workdir / "metrics.jsonl", resume_step=start) if primary
+                  else contextlib.nullcontext(_NoLog()))
+        with log_cm as metrics_log, StopSignal() as stop:
+            for step in progress_bar(range(start + 1, cfg.total_steps + 1), desc="train", enabled=primary,
                                      total=max(cfg.total_steps - start, 0), unit="step"):
                 idx = np.random.default_rng(cfg.seed * 100003 + step - 1).choice(cfg.num_examples, cfg.batch_size)
-                x0 = jax.device_put(latents[idx].astype(np.float32), bsh)
-                ctx = jax.device_put(texts[idx], bsh)
+                x0, ctx = (jax.make_array_from_process_local_data(bsh, a[idx[rows]].astype(np.float32),
+                                                                  (cfg.batch_size,) + a.shape[1:])
+                           for a in (latents, texts))
                 train_state, metrics = train_step(train_state, fixed, frozen, x0, ctx,
                                                   jax.random.key(cfg.seed * 7919 + step - 1))
                 buffer.push(step, metrics)
-                stopping = stop.requested  # read once: a signal arriving later in this step is seen next step
+                # read once (a signal arriving later in this step is seen next step), and agreed by all hosts
+                stopping = _any_process(stop.requested)
                 log_now = step % cfg.log_every == 0 or step == cfg.total_steps
                 final = step == cfg.total_steps or stopping
                 if log_now or final or ckpt.should_save(step):
                     records = buffer.flush()  # NonFiniteError here: nothing of this state is saved
                     if log_now:
-                        print(metrics_log.write(step, records[-1][1]), end="", flush=True)
+                        _say(metrics_log.write(step, records[-1][1]), end="", flush=True)
                     ckpt.save(step, train_state, force=final)
                 if stopping:
                     ckpt.wait()
-                    print(f"{stop.signame}: saved the checkpoint of step {step} to {ckpt.path(step)}; "
-                          f"rerun the same command to resume", flush=True)
+                    _say(f"{stop.signame or 'SIGTERM on another host'}: saved the checkpoint of step {step} to "
+                         f"{ckpt.path(step)}; rerun the same command to resume", flush=True)
                     return 0
     finally:
         ckpt.close()  # lets an async save of an earlier (good) state finish, also on errors
 
     out = workdir / "lora.safetensors"
     if start >= cfg.total_steps and out.is_file():
-        print(f"{out} is already there")  # a finished run rerun changes nothing
+        _say(f"{out} is already there")  # a finished run rerun changes nothing
+        return 0
+    trained = distributed.host_copy(train_state["trainable"])  # every process: factors may span hosts
+    if not primary:
         return 0
     try:
-        lora.save(out, lora.join_trainable(train_state["trainable"], fixed), base, layout="diffusers")
+        lora.save(out, lora.join_trainable(trained, fixed), base, layout="diffusers")
     except lora.LoraFormatError as e:  # all-zero `b` after training (lr 0): nothing to write
         raise UserError(f"{e} (the trained LoRA is still zero; is --config.lr 0?)") from None
     print(f"saved LoRA (diffusers layout) to {out}")
@@ -215,6 +261,7 @@ def distill(cfg, workdir: Path) -> int:
     from absl import logging as absl_logging
     from flax import nnx
 
+    from turbojax import distributed
     from turbojax.distill import export as export_lib
     from turbojax.distill import methods, sharded
     from turbojax.distill.engine import Engine
@@ -226,6 +273,8 @@ def distill(cfg, workdir: Path) -> int:
     absl_logging.set_verbosity(absl_logging.WARNING)
     jax.config.update("jax_compilation_cache_dir", str(HERE / ".jax_cache"))
     dtype = jnp.dtype(cfg.dtype)
+    primary, multi = distributed.is_primary(), jax.process_count() > 1
+    say = lambda m: _say(m, flush=True)  # noqa: E731  (progress of the data set-up, process 0 only)
     # The mesh first: a bad mesh or a batch it cannot split is reported before any data or model work
     mesh = config_mesh(cfg)
     gan_cfg = cfg.get("gan") or {}
@@ -247,7 +296,7 @@ def distill(cfg, workdir: Path) -> int:
             base = digits_model.load_teacher(cfg.init_from or None, dtype=dtype, scan_layers=cfg.scan_layers)
         except (ValueError, OSError) as e:
             raise UserError(f"--config.init_from {cfg.init_from or '(the shipped digits teacher)'}: {e}") from None
-        batches = digits_training.batches(cfg, base, progress=lambda m: print(m, flush=True))
+        batches = digits_training.batches(cfg, base, progress=say)
         from turbojax.digits import data as digits_data
         latent_shape, cap_len = (digits_data.NUM_TOKENS, digits_data.TOKEN_DIM), None
     elif cfg.data.kind == "prompts":  # a diffusers pipeline folder + a prompt file encoded at start-up
@@ -266,23 +315,38 @@ def distill(cfg, workdir: Path) -> int:
             raise UserError(f"--config.init_from {cfg.init_from}: {e}") from None
         try:
             batches, latent_shape, cap_len = encoded.prompt_batches(cfg, pipe,
-                                                                    progress=lambda m: print(m, flush=True))
+                                                                    progress=say)
         except PromptFileError as e:
             raise UserError(f"--config.data.prompts {e}") from None
         base = pipe.transformer
         del pipe  # the text encoder and the VAE leave memory: training holds the transformer only
     elif cfg.data.kind == "cache":  # the same inputs from on-disk caches (turbojax.cache), built first if missing
         from turbojax.cache import training_data
-        batches, base, latent_shape, cap_len = training_data(cfg, workdir, progress=lambda m: print(m, flush=True))
+        batches, base, latent_shape, cap_len = training_data(cfg, workdir, progress=say)
     else:
         raise UserError(f"--config.data.kind must be 'digits', 'prompts' or 'cache', got {cfg.data.kind!r}")
+    # Multi-host: this host reads only its rows of every global batch (those its devices hold on the mesh)
+    try:
+        host, hosts = distributed.host_rows(sharded.batch_shardings(
+            {"x": jax.ShapeDtypeStruct((int(cfg.batch_size),), jnp.float32)}, mesh)["x"], int(cfg.batch_size))
+    except ValueError as e:
+        raise UserError(f"--config.mesh: {e}") from None
+    if hasattr(batches, "set_host"):
+        batches.set_host(host, hosts)
+    elif (getattr(batches, "host", 0), getattr(batches, "hosts", 1)) != (host, hosts):
+        raise UserError(f"--config.mesh: this host's devices hold batch rows block {host} of {hosts}, but the data "
+                        f"reader reads block {getattr(batches, 'host', 0)} of {getattr(batches, 'hosts', 1)}; lay "
+                        "the batch (data x fsdp) over the hosts or use data.kind prompts")
     graphdef, frozen = nnx.split(base)
+    # Multi-host digits demo: keep this host's copy of the tiny teacher for the sample grids (process 0 draws them
+    # alone, so they cannot run on arrays spread over the hosts)
+    grid_base = base if multi and cfg.data.kind == "digits" else None
     # The frozen base on the mesh by its logical axes (a no-op for a base loaded onto it); `base` is rebuilt on the
     # placed arrays so one copy exists
-    frozen = jax.device_put(frozen, sharded.frozen_shardings(frozen, mesh))
+    frozen = distributed.put(frozen, sharded.frozen_shardings(frozen, mesh))
     base = nnx.merge(graphdef, frozen)
-    print("teacher: %.2fM frozen params; %d prompts" % (
-        sum(int(np.prod(v.shape)) for v in jax.tree.leaves(frozen)) / 1e6, batches.num_prompts), flush=True)
+    say("teacher: %.2fM frozen params; %d prompts" % (
+        sum(int(np.prod(v.shape)) for v in jax.tree.leaves(frozen)) / 1e6, batches.num_prompts))
 
     # ---------------------------------------------------------------------------------------------------------
     # Method: LoRA roles on the shared base, discriminator heads, turns and optimisers; with gan.features "dino"
@@ -308,9 +372,10 @@ def distill(cfg, workdir: Path) -> int:
     engine = Engine(method.turns, method.txs, float(cfg.ema_decay), seed=int(cfg.seed), shardings=plan)
     state = engine.init_state(method.params)
     n_train = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state["params"]))
-    print(f"method {method.name}: {n_train / 1e6:.3f}M trainable params in {sorted(state['params'])}; turns "
-          + ", ".join(f"{t.name} every {t.every}" for t in method.turns)
-          + "; mesh " + " x ".join(f"{a} {n}" for a, n in mesh.shape.items()), flush=True)
+    say(f"method {method.name}: {n_train / 1e6:.3f}M trainable params in {sorted(state['params'])}; turns "
+        + ", ".join(f"{t.name} every {t.every}" for t in method.turns)
+        + "; mesh " + " x ".join(f"{a} {n}" for a, n in mesh.shape.items())
+        + (f"; {jax.process_count()} processes" if multi else ""))
 
     # ---------------------------------------------------------------------------------------------------------
     # Checkpoints (trainables + optimiser states + EMA), resume
@@ -321,27 +386,40 @@ def distill(cfg, workdir: Path) -> int:
                             "start a new --workdir")
     state, start = ckpt.restore_latest(state)
     if start:
-        print(f"resumed from step {start}", flush=True)
+        say(f"resumed from step {start}")
 
     def batch_for(turn: str, it: int):
-        batch = {k: jnp.asarray(v) for k, v in batches.batch(turn, it).items() if k != "prompt"}
-        batch["iteration"] = jnp.asarray(it, jnp.int32)  # for losses with schedules (ArcFlow's teacher share)
+        """The global batch of `turn` at `it`, assembled from this host's rows."""
+        local = {k: np.asarray(v) for k, v in batches.batch(turn, it).items() if k != "prompt"}
+        shapes = {k: jax.ShapeDtypeStruct((int(cfg.batch_size),) + v.shape[1:], v.dtype) for k, v in local.items()}
+        batch = distributed.global_batch(local, plan.batch(shapes), int(cfg.batch_size))
+        batch["iteration"] = np.asarray(it, np.int32)  # for losses with schedules (ArcFlow's teacher share)
         return batch
 
+    def host_state():
+        """The trainables and EMA as host arrays (every process calls it: they may be spread over the hosts)."""
+        return distributed.host_copy({"params": state["params"], "ema": state["ema"]}) if multi else state
+
     def grid():
+        """The sample grid on process 0 (None elsewhere); every process calls it."""
+        st = host_state()
+        if not primary:
+            return None
         labels = np.tile(np.arange(10), 4)
-        return digits_training.tile(method.sample_digits(base, state, labels, 0, cfg), 10)
+        teacher = base if grid_base is None else grid_base
+        return digits_training.tile(method.sample_digits(teacher, st, labels, 0, cfg), 10)
 
     # ---------------------------------------------------------------------------------------------------------
     # Loop: TTUR turns, NaN/Inf guard before every save, SIGTERM saves and exits 0
     # ---------------------------------------------------------------------------------------------------------
-    tb = export_lib.tensorboard(workdir)
+    tb = export_lib.tensorboard(workdir, enabled=primary)
     buffer = MetricsBuffer()
     timer = {"t0": None, "steps": 0}  # training time per step, from the second step on (the first one compiles)
     try:
-        with StopSignal() as stop, MetricsLog(workdir / "metrics.jsonl", start) as log:
+        log_cm = MetricsLog(workdir / "metrics.jsonl", start) if primary else contextlib.nullcontext(_NoLog())
+        with StopSignal() as stop, log_cm as log:
             bar = progress_bar(range(start, cfg.total_steps), desc="distill", total=cfg.total_steps - start,
-                               unit="step")
+                               unit="step", enabled=primary)
             for it in bar:
                 step = it + 1
                 if timer["t0"] is None and it > start:
@@ -350,7 +428,8 @@ def distill(cfg, workdir: Path) -> int:
                 state, metrics = engine.iteration(state, frozen, lambda turn: batch_for(turn, it), it)
                 buffer.push(step, metrics)
                 last = step == cfg.total_steps
-                stopping = stop.requested  # read once: a signal arriving later is seen at the next step
+                # read once (a signal arriving later is seen at the next step), and agreed by all hosts
+                stopping = _any_process(stop.requested)
                 due_save = ckpt.should_save(step) or last or stopping
                 if step % cfg.log_every == 0 or due_save:
                     for s, m in buffer.flush():  # raises on the first non-finite step: nothing bad is saved
@@ -363,11 +442,13 @@ def distill(cfg, workdir: Path) -> int:
                 if due_save:
                     ckpt.save(step, state, force=last or stopping)
                 if cfg.sample_every and (step % cfg.sample_every == 0 or last) and cfg.data.kind == "digits":
-                    tb.image(step, "samples", grid())
+                    image = grid()
+                    if image is not None:
+                        tb.image(step, "samples", image)
                 if stopping:
                     ckpt.wait()
-                    print(f"stopped by {stop.signame} at step {step}; checkpoint saved in {ckpt.path(step)}; "
-                          "rerun the same command to resume", flush=True)
+                    say(f"stopped by {stop.signame or 'SIGTERM on another host'} at step {step}; checkpoint saved "
+                        f"in {ckpt.path(step)}; rerun the same command to resume")
                     return 0
         ckpt.wait()
     finally:
@@ -377,10 +458,14 @@ def distill(cfg, workdir: Path) -> int:
     if timer["t0"] is not None and cfg.total_steps - timer["from"] >= 1:
         jax.block_until_ready(state)
         per_step = (time.perf_counter() - timer["t0"]) / (cfg.total_steps - timer["from"])
-    files = method.write_outputs(workdir, state, base, cfg, max(start, cfg.total_steps), per_step)
+    out_state = host_state()  # exports are written by process 0 alone, from host arrays
+    image = grid() if cfg.data.kind == "digits" else None
+    if not primary:
+        return 0
+    files = method.write_outputs(workdir, out_state, base, cfg, max(start, cfg.total_steps), per_step)
     print("exported " + ", ".join(str(f) for f in files), flush=True)
-    if cfg.data.kind == "digits":
-        path = export_lib.write_png(workdir / "samples.png", grid())
+    if image is not None:
+        path = export_lib.write_png(workdir / "samples.png", image)
         print(f"wrote sample grid {path} (rows: seeds, columns: digits 0-9; {len(cfg.student.sigmas)} steps)")
     return 0
 

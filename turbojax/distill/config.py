@@ -45,10 +45,15 @@ Every field, with the published values it follows (shared docs `distillation.md`
   ttur_ratio        critic turns per generator turn (FastGen: 5)
   ema_decay         EMA of the student LoRA (exported); 0 = no EMA
   opt.<group>.lr    per group: student, fake, disc; opt.warmup_steps, weight_decay, b1, b2, grad_clip
+  mesh              (data, fsdp, tensor) sizes over all devices of all hosts; -1 fills
+  distributed       multi-host runs (`turbojax.distributed`): coordinator_address, num_processes, process_id,
+                    local_device_ids, or auto (Cloud TPU / SLURM detection); timeout_s. Default: one process
 """
 from __future__ import annotations
 
 import ml_collections
+
+from turbojax.training.config import distributed_config
 
 
 def dmd2_config() -> ml_collections.ConfigDict:
@@ -99,4 +104,5 @@ def dmd2_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 2
     c.sample_every = 500  # sample grid (fixed prompts and noise) into TensorBoard and workdir/samples/
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.distributed = distributed_config()
     return c

@@ -132,8 +132,9 @@ class Engine:
         wherever they are)."""
         if self.shardings is None:
             return init_state(params, self.turns, self.txs)
+        from turbojax.distributed import put
         sh = self.shardings
-        params = jax.device_put(dict(params), sh.params)
+        params = put(dict(params), sh.params)  # also from arrays committed to one device of a multi-host run
         return jax.jit(lambda p: init_state(p, self.turns, self.txs), in_shardings=(sh.params,),
                        out_shardings=sh.state)(params)
 

@@ -13,6 +13,7 @@ ARG. The API (no JAX import, so mistakes are reported in a fraction of a second)
     apply_overrides(cfg, [(key, text), ...]) -> None                     the `--config.KEY` part (typed by the field)
     validate(cfg, rules=DEFAULT_RULES, choices=DEFAULT_CHOICES) -> None  numeric / choice checks, see below
     check_workdir(path, flag="--workdir") -> pathlib.Path                absolute path; refuses a file; creates nothing
+    distributed_config() -> ConfigDict                                   the `distributed` group (multi-host runs)
 
 Override syntax, typed by the field's current value: numbers as usual (an int field takes an integral value such as
 `1000` or `1e3`), bools `true/false/1/0/yes/no`, strings verbatim, list/tuple fields as a JSON/Python list
@@ -68,6 +69,9 @@ DEFAULT_RULES: dict[str, str] = {
     "*latent_hw": ">=1",
     "*ema_decay": ">=0,<=1",
     "mesh.*": ">=-1,!=0",  # -1: all remaining devices
+    "distributed.num_processes": ">=1",
+    "distributed.process_id": ">=0",
+    "distributed.timeout_s": ">0",
 }
 DEFAULT_CHOICES: dict[str, tuple[str, ...]] = {
     "*dtype": ("float32", "bfloat16", "float16", "float64"),
@@ -378,6 +382,19 @@ def validate(cfg: ml_collections.ConfigDict, rules: Mapping[str, str] = DEFAULT_
             for pattern, allowed in choices.items():
                 if fnmatch.fnmatchcase(key, pattern) and value not in allowed:
                     raise ConfigError(f"--config.{key} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def distributed_config() -> ml_collections.ConfigDict:
+    """The `distributed` group of a training config (`turbojax.distributed`; default: one process).
+
+    coordinator_address  process 0's HOST:PORT (GPU hosts; with num_processes > 1 and this process's process_id)
+    num_processes / process_id / local_device_ids   the explicit set-up (local_device_ids: this process's devices)
+    auto                 let jax detect the cluster (Cloud TPU VMs, GKE, SLURM, Open MPI); also implied when the
+                         environment names several processes (TPU_WORKER_HOSTNAMES, SLURM_NTASKS, ...)
+    timeout_s            how long processes wait for each other to join
+    """
+    return ml_collections.ConfigDict(dict(coordinator_address="", num_processes=1, process_id=0,
+                                          local_device_ids=(), auto=False, timeout_s=300.0))
 
 
 def check_workdir(path: str | Path | None, flag: str = "--workdir") -> Path:

@@ -1,0 +1,235 @@
+"""Multi-host runs (`turbojax.distributed`): two train.py processes on the loopback address (4 simulated CPU devices
+each, gloo collectives) distil the tiny digits teacher with DMD2 + GAN on the global 8-device mesh, save, resume, and
+end with the trainables of one process with 8 devices on the same mesh and seed; process 0 alone writes files.
+Also: each host's rows of a global batch, the settings' checks, a second initialize is harmless, and a bad or
+unreachable coordinator is one `error:` line (not XLA's abort)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from turbojax import distributed as D
+from turbojax.training.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+RUN_TIMEOUT = 600  # seconds per train.py run (two processes together): a hang fails the test instead of CI
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               TURBOJAX_PROGRESS="0")
+    return env
+
+
+def _dist_flags(port: int, pid: int, n: int = 2, timeout: float = 120) -> list[str]:
+    return ["--config.distributed.coordinator_address", f"127.0.0.1:{port}", "--config.distributed.num_processes",
+            str(n), "--config.distributed.process_id", str(pid), "--config.distributed.timeout_s", str(timeout)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cheap checks (no processes joined)
+# ---------------------------------------------------------------------------------------------------------------
+def test_each_host_reads_its_rows_of_the_single_process_batch():
+    from turbojax.data.batches import PromptBatches
+    rng = np.random.default_rng(0)
+    ctx, mask = rng.standard_normal((7, 3, 2)), np.ones((7, 3))
+    reals = {"teacher": (rng.standard_normal((20, 4)), rng.integers(0, 7, 20)),
+             "real": (rng.standard_normal((10, 4)), rng.integers(0, 7, 10))}
+
+    def make():
+        return PromptBatches(ctx, mask, batch_size=8, seed=3, reals=reals, real_mix=0.5, neg_ctx=ctx[:1])
+    whole = make().batch("critic", 5)
+    for hosts in (2, 4):
+        parts = [make().set_host(h, hosts).batch("critic", 5) for h in range(hosts)]
+        for k, v in whole.items():
+            assert all(len(p[k]) == 8 // hosts for p in parts)
+            np.testing.assert_array_equal(np.concatenate([p[k] for p in parts]), v, err_msg=k)
+    assert not np.array_equal(make().set_host(1, 2).batch("critic", 5)["real"], whole["real"][:4])  # can fail
+    with pytest.raises(ValueError, match="multiple of the 3 hosts"):
+        make().set_host(0, 3)
+    # one process: every row is this host's
+    from turbojax.sharding import batch_sharding, make_mesh
+    assert D.host_rows(batch_sharding(make_mesh(2, 2, 2)), 8) == (0, 1)
+
+
+def test_settings_are_checked_before_anything_starts():
+    from turbojax.training.config import distributed_config
+    s = D.settings(distributed_config())
+    assert s == D.Settings() and not s.explicit and D.check(s) == s
+    ok = D.check(D.settings({"coordinator_address": "10.0.0.2:1234", "num_processes": 4, "process_id": 3,
+                             "local_device_ids": "0,1"}))
+    assert ok.explicit and ok.local_device_ids == (0, 1)
+    bad = {
+        (("coordinator_address", "10.0.0.2"),): r"coordinator_address '10.0.0.2' must be HOST:PORT",
+        (("coordinator_address", "h:99999"),): "must be HOST:PORT",
+        (("coordinator_address", "h:1"), ("num_processes", 2), ("process_id", 2)): r"process_id 2 must be < num_pro",
+        (("num_processes", 2),): r"coordinator_address: 2 processes need the coordinator",
+        (("num_processes", 0),): r"num_processes must be an integer >= 1, got 0",
+        (("process_id", 1),): "need --config.distributed.num_processes > 1",
+        (("coordinator_address", "h:1"), ("local_device_ids", (0, 0))): "names a device twice",
+        (("timeout_s", 0),): "timeout_s must be a number of seconds > 0",
+    }
+    for items, pattern in bad.items():
+        with pytest.raises(UserError, match=pattern):
+            D.check(D.settings(dict(items)))
+    assert D.auto_detected({"SLURM_NTASKS": "4"}) == "SLURM_NTASKS"
+    assert D.auto_detected({"TPU_WORKER_HOSTNAMES": "a,b"}) == "TPU_WORKER_HOSTNAMES"
+    assert D.auto_detected({"SLURM_NTASKS": "1", "TPU_WORKER_HOSTNAMES": "a"}) is None
+    assert D.auto_detected({}) is None
+
+
+def test_a_second_initialize_is_harmless():
+    """A single process joins its own coordinator: the first call joins, the second does nothing."""
+    port = _free_port()
+    code = (f"from turbojax import distributed as D\n"
+            f"s = D.Settings(coordinator_address='127.0.0.1:{port}', num_processes=1, timeout_s=30)\n"
+            "first, second = D.initialize(s), D.initialize(s)\n"
+            "import jax\n"
+            "print(first, second, D.initialize(D.Settings()), jax.distributed.is_initialized(), jax.process_count(),"
+            " float(jax.numpy.ones(3).sum()))\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=_env(2),
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["True", "False", "False", "True", "1", "3.0"], r.stdout
+
+
+def test_a_bad_or_unreachable_coordinator_is_one_error_line(tmp_path):
+    def run(extra, timeout=120):
+        r = subprocess.run([sys.executable, str(REPO / "train.py"), "--workdir", str(tmp_path / "w"), *extra],
+                           cwd=tmp_path, capture_output=True, text=True, env=_env(4), timeout=timeout)
+        assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: --config.distributed"), lines
+        assert not (tmp_path / "w").exists()
+        return lines[0]
+
+    assert "must be HOST:PORT" in run(["--config.distributed.coordinator_address", "127.0.0.1",
+                                       "--config.distributed.num_processes", "2"])
+    # nobody serves the port: process 1 gives up after timeout_s instead of XLA aborting the process
+    line = run(_dist_flags(_free_port(), 1, timeout=2))
+    assert "no coordinator answered within 2 s" in line, line
+    # process 0 serves the coordinator, but the port is taken
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("", 0))
+        held.listen()
+        line = run(_dist_flags(held.getsockname()[1], 0, timeout=5))
+    assert "cannot listen on port" in line, line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two processes = one process on the same global mesh
+# ---------------------------------------------------------------------------------------------------------------
+def _train_args(teacher, workdir, total):
+    return [str(REPO / "train.py"), "--workdir", str(workdir), "--config.init_from", str(teacher),
+            "--config.total_steps", str(total), "--config.checkpoint_every", "2", "--config.log_every", "1",
+            "--config.sample_every", "0", "--config.batch_size", "8", "--config.ttur_ratio", "2",
+            "--config.data.teacher_samples_per_class", "2", "--config.gan.hidden", "8",
+            "--config.mesh.data", "2", "--config.mesh.fsdp", "2", "--config.mesh.tensor", "2"]
+
+
+def _run_two(teacher, workdir, total, tmp_path) -> list[str]:
+    """Both processes of a 2-host run (4 devices each); their stdout + stderr."""
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        log = open(tmp_path / f"p{pid}_{total}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, *_train_args(teacher, workdir, total),
+                                        *_dist_flags(port, pid)], cwd=tmp_path, stdout=log,
+                                       stderr=subprocess.STDOUT, env=_env(4)), log))
+    try:
+        for p, _ in procs:
+            p.wait(timeout=RUN_TIMEOUT)
+    finally:
+        for p, log in procs:
+            if p.poll() is None:  # a hang: end both (they are ours) so the test fails instead of blocking
+                p.kill()
+                p.wait()
+            log.close()
+    outs = [(tmp_path / f"p{pid}_{total}.log").read_text() for pid in range(2)]
+    for (p, _), out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    return outs
+
+
+def _checkpoint(path: Path) -> dict:
+    """The stored trainables, optimiser states and EMA of a step folder, as host arrays."""
+    import jax
+    import orbax.checkpoint as ocp
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as c:
+        meta = c.metadata(path / "default")
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree)
+        restored = c.restore(path / "default", target)
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
+@pytest.mark.slow
+def test_two_processes_train_save_resume_and_equal_one_process(tmp_path):
+    from turbojax.digits import model as digits_model
+    teacher = digits_model.save_export(digits_model.new_teacher(3), tmp_path / "teacher")
+    multi, single = tmp_path / "multi", tmp_path / "single"
+
+    outs = _run_two(teacher, multi, 2, tmp_path)
+    assert "mesh data 2 x fsdp 2 x tensor 2; 2 processes" in outs[0]
+    assert "teacher:" not in outs[1] and "exported" not in outs[1]  # process 1 prints nothing of its own
+    assert (multi / "checkpoints" / "2").is_dir()
+    outs = _run_two(teacher, multi, 4, tmp_path)
+    assert "resumed from step 2" in outs[0]
+
+    r = subprocess.run([sys.executable, *_train_args(teacher, single, 4)], cwd=tmp_path, capture_output=True,
+                       text=True, env=_env(8), timeout=RUN_TIMEOUT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+
+    # the same files (written once, by process 0) and the same checkpoints
+    def files(root):
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and "checkpoints" not in
+                      p.parts and "tb" not in p.parts)
+    assert files(multi) == files(single) and "lora.safetensors" in files(multi)
+    assert sorted(os.listdir(multi / "checkpoints")) == sorted(os.listdir(single / "checkpoints")) == ["2", "4"]
+    got, want = _checkpoint(multi / "checkpoints" / "4"), _checkpoint(single / "checkpoints" / "4")
+    assert got.keys() == want.keys() and any("['disc']" in k for k in got)  # the GAN heads trained too
+    moved = 0
+    for k, w in want.items():
+        g = got[k]
+        assert g.shape == w.shape, k
+        # fp32 round-off: gloo's cross-process reductions sum in another order than one process's (each entry
+        # within 1e-5 of itself plus its leaf's largest: Adam turns last-bit gradient differences into ~1e-5
+        # relative differences of LoRA `b` factors that moved by a few lr-sized steps)
+        diff, bound = np.abs(g - w), 1e-5 * (np.abs(w) + np.abs(w).max(initial=0.0)) + 1e-7
+        assert (diff <= bound).all(), f"{k}: {(diff > bound).sum()} of {w.size} entries differ, max {diff.max()}"
+        moved += int("['params']" in k and not np.array_equal(w, _initial(k, w)))
+    assert moved > 0
+    # the metrics of every step agree
+    m_multi = [json.loads(line) for line in (multi / "metrics.jsonl").read_text().splitlines()]
+    m_single = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in m_multi] == [m["step"] for m in m_single] == [1, 2, 3, 4]
+    for a, b in zip(m_multi, m_single):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], float) and k not in ("time", "wall"):
+                np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+    # the exported student (EMA) is the same LoRA
+    from safetensors.numpy import load_file
+    la, lb = load_file(str(multi / "lora.safetensors")), load_file(str(single / "lora.safetensors"))
+    assert la.keys() == lb.keys()
+    for k in la:
+        np.testing.assert_allclose(la[k], lb[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def _initial(key: str, value: np.ndarray) -> np.ndarray:
+    """LoRA `b` factors start at zero: a trained one differs from zeros (the run really moved the trainables)."""
+    return np.zeros_like(value) if key.endswith("['b']") else value
