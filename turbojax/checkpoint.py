@@ -153,8 +153,8 @@ def iter_parts(directory: Path, meta: dict, targets: Mapping[tuple[str, ...], ob
 
 
 def host_target(shape, dtype):
-    """A restore target that lands on the first device unsharded (used when no mesh is given)."""
-    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    """A restore target that lands on this process's first device unsharded (used when no mesh is given)."""
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
 
 
 def fsync_tree(directory: Path) -> None:
