@@ -9,7 +9,10 @@ Layout of an exported model directory:
 
 Orbax serialises a whole pytree at once and copies it on the way, so one checkpoint per bounded group of leaves
 keeps peak host memory near one part (~`max_part_bytes`, or the largest single leaf) instead of the model size.
-Each part restores straight into target shardings (`jax.ShapeDtypeStruct(..., sharding=...)`).
+Each part restores straight into target shardings (`jax.ShapeDtypeStruct(..., sharding=...)`): every process reads
+only the storage chunks that overlap its own devices' shards. Leaves are stored in chunks of at most `CHUNK_BYTES`
+(Orbax's default for a host array is one compressed chunk per leaf, which every device would decompress whole to
+take its slice: a stacked 60-layer leaf of a 20B model is 4.5 GB). Exports written before chunking still load.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from turbojax.convert.atomic import held_interrupts
 
 META_FILE = "turbojax.json"
 FORMAT_VERSION = 1
+CHUNK_BYTES = 16 << 20  # storage chunk bound: what a device's read may over-fetch at a shard edge
 
 
 class CheckpointError(ValueError):
@@ -68,7 +72,8 @@ def plan_parts(leaves: Mapping[tuple[str, ...], tuple[tuple[int, ...], str]], ma
 
 def write_params(directory: Path, leaves: Mapping[tuple[str, ...], tuple[tuple[int, ...], str]],
                  produce: Callable[[tuple[str, ...]], np.ndarray], meta: dict, *,
-                 max_part_bytes: int = 1 << 30, progress: Callable[[Iterable], Iterable] = lambda x: x) -> None:
+                 max_part_bytes: int = 1 << 30, progress: Callable[[Iterable], Iterable] = lambda x: x,
+                 chunk_bytes: int = CHUNK_BYTES) -> None:
     """Write `params/part-*` and `turbojax.json` into `directory` (expected empty; callers make it atomic)."""
     import orbax.checkpoint as ocp
 
@@ -87,7 +92,8 @@ def write_params(directory: Path, leaves: Mapping[tuple[str, ...], tuple[tuple[i
                 values[path] = arr
             name = f"part-{i:05d}"
             with held_interrupts():  # a signal mid-save would leave Orbax's commit thread writing into a folder
-                ckpt.save(directory / "params" / name, _nest(values))  # that the caller's cleanup is removing
+                ckpt.save(directory / "params" / name, _nest(values),  # that the caller's cleanup is removing
+                          save_args=_nest({p: ocp.SaveArgs(chunk_byte_size=chunk_bytes) for p in values}))
                 ckpt.wait_until_finished()
             _scrub_marker(directory / "params" / name)
             index.append({"name": name, "leaves": [".".join(p) for p in part]})

@@ -109,8 +109,12 @@ def load_into(model, fam, get: Callable[[str], np.ndarray], available: Mapping[s
               param_dtype=None, shardings: Mapping | None = None, progress: bool = True):
     """Return `model` (abstract or real) with every parameter read through `get(torch_key)`.
 
-    Tensors are transformed on the host one leaf at a time (stacked layers included) and placed on device right
-    away, so host memory stays near one leaf. `shardings` maps a JAX leaf path to a `jax.sharding.Sharding`.
+    Without a sharding a leaf is transformed on the host whole (stacked layers included) and placed on the default
+    device right away, so host memory stays near one leaf. `shardings` maps a JAX leaf path to a
+    `jax.sharding.Sharding`; such a leaf is built block by block, each addressable device's block read on its own.
+    `get(key)` may return a lazy array (a safetensors memory map) that is only indexed, so a host reads just the
+    layers and rows / columns its devices hold, never the whole leaf (the multi-host rule: no process needs, or
+    may assume it has, another process's shards).
     """
     graphdef, state = nnx.split(model)
     params = flat_params(state)
@@ -120,16 +124,75 @@ def load_into(model, fam, get: Callable[[str], np.ndarray], available: Mapping[s
     for leaf in progress_bar(leaves, desc=f"loading {fam.name}", enabled=progress, unit="tensor"):
         target = params[leaf.jax_path]
         dtype = param_dtype or target.dtype
-        host = leaf.to_jax([get(k) for k in leaf.torch_keys])
-        if host.dtype != dtype:
-            host = host.astype(np.float32).astype(dtype) if host.dtype != np.float32 else host.astype(dtype)
         sharding = shardings.get(leaf.jax_path) if shardings else None
-        new_values[leaf.jax_path] = jax.device_put(host, sharding) if sharding is not None else jnp.asarray(host)
+        if sharding is None:
+            host = _cast(leaf.to_jax([get(k) for k in leaf.torch_keys]), dtype)
+            new_values[leaf.jax_path] = jnp.asarray(host)
+        else:
+            new_values[leaf.jax_path] = _place_sharded(leaf, get, tuple(target.shape), dtype, sharding)
     flat = []
     for path, var in nnx.to_flat_state(state):
         key = path_str(path)
         flat.append((path, var.replace(new_values[key]) if key in new_values else var))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _cast(host: np.ndarray, dtype) -> np.ndarray:
+    # through fp32 so that e.g. bf16 -> fp16 rounds once from the exact value (numpy has no direct bf16 casts)
+    if host.dtype == dtype:
+        return host
+    return host.astype(np.float32).astype(dtype) if host.dtype != np.float32 else host.astype(dtype)
+
+
+def _bounds(index, shape) -> tuple[tuple[int, int], ...]:
+    """(start, stop) per dim of a `make_array_from_callback` index (slices, possibly fewer than dims)."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+    out = []
+    for s, n in zip(index, shape):
+        start, stop, step = s.indices(n)
+        if step != 1:
+            raise ValueError(f"strided shard index {s} is not supported")
+        out.append((start, stop))
+    return tuple(out)
+
+
+def read_block(leaf: Leaf, get: Callable[[str], np.ndarray], bounds: tuple[tuple[int, int], ...]) -> np.ndarray:
+    """The block `bounds` ((start, stop) per JAX dim) of `leaf` in JAX layout, reading only what it covers.
+
+    JAX dim d of one layer is torch dim `perm[d]` (transposed kernels, conv permutations), so the JAX block maps to
+    one torch block per layer; a stacked leaf's first dim picks the layers (one torch key each)."""
+    if leaf.stacked:
+        (l0, l1), rest = bounds[0], bounds[1:]
+        keys = leaf.torch_keys[l0:l1]
+    else:
+        keys, rest = leaf.torch_keys, bounds
+    if leaf.perm is not None:
+        perm = leaf.perm
+    else:
+        perm = tuple(reversed(range(len(rest)))) if leaf.transpose else tuple(range(len(rest)))
+    torch_index: list = [slice(None)] * len(rest)
+    for d, (a, b) in enumerate(rest):
+        torch_index[perm[d]] = slice(a, b)
+    # np.array copies just the block out of a memory map (or an in-memory tensor) so the map is released at once
+    return leaf.to_jax([np.array(get(k)[tuple(torch_index)]) for k in keys])
+
+
+def _place_sharded(leaf: Leaf, get, shape: tuple[int, ...], dtype, sharding) -> jax.Array:
+    """The leaf on `sharding`, one addressable device at a time: each distinct block is read, cast and placed on
+    its device before the next is read (`make_array_from_callback` would hold every local block on the host at
+    once: a whole stacked leaf on one host); replicas of a block are copied from the device that holds it."""
+    placed: dict = {}
+    arrays = []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        bounds = _bounds(index, shape)
+        if bounds in placed:
+            arrays.append(jax.device_put(placed[bounds], device))
+            continue
+        arr = jax.device_put(_cast(read_block(leaf, get, bounds), dtype), device)
+        arr.block_until_ready()  # the host block is free before the next read
+        placed[bounds] = arr
+        arrays.append(arr)
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def export_tensors(model, fam):

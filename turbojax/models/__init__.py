@@ -66,7 +66,10 @@ def from_diffusers(folder, *, dtype=jnp.float32, param_dtype=None, scan_layers: 
                                remat=remat, attention_impl=attention_impl)
         shardings = _resolve_shardings(model, mesh, shardings)
         reader = open_safetensors(folder, weights_name=fam.weights_name)
-        get, available = source_reader(fam.source_names(reader.keys()), reader.get, reader.shape)
+        # On a mesh each device's block is sliced out of a memory map, so a host reads only its own shards
+        # (`load_into`); a single-device load reads each tensor whole with one positioned read.
+        read = (lambda key: reader.get(key, mmap=True)) if shardings else reader.get
+        get, available = source_reader(fam.source_names(reader.keys()), read, reader.shape)
         model = load_into(model, fam, get, available, str(folder), shardings=shardings, progress=progress)
     return apply_loras(model, loras)
 
@@ -74,7 +77,8 @@ def from_diffusers(folder, *, dtype=jnp.float32, param_dtype=None, scan_layers: 
 def from_orbax(directory, *, dtype=jnp.float32, param_dtype=None, scan_layers: bool | None = None,
                remat: str = "none", attention_impl: str = "auto", mesh=None, shardings=None,
                progress: bool = True):
-    """Load a model exported by `python -m turbojax.convert to-jax` (restored part by part into `shardings`)."""
+    """Load a model exported by `python -m turbojax.convert to-jax`, restored part by part into `shardings` (or
+    those of `mesh`): each process reads and decodes only the storage chunks its own devices' shards overlap."""
     from turbojax.checkpoint import host_target, iter_parts, read_meta
     from turbojax.convert.params import flat_params
     from turbojax.utils import progress_bar
