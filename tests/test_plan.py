@@ -13,7 +13,7 @@ from turbojax.plan import cli
 from turbojax.sharding import constrain, constrain_residual, make_mesh
 
 TINY = ["--config", "configs/qwen_image_dmd2_gan.py", "--model", "qwen_image_tiny", "--topology", "v5e:2x2",
-        "--resolution", "64", "--text-len", "16", "--flops", "raw"]
+        "--resolution", "64", "--text-len", "16", "--attention", "xla", "--flops", "raw"]
 KEYS = {"argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "total_bytes", "hbm_bytes", "fits",
         "flops_per_device", "est_step_seconds"}
 
@@ -72,8 +72,8 @@ def test_plan_cli_tiny_writes_every_step(tmp_path, capsys):
 def test_plan_reports_out_of_hbm_without_crashing(tmp_path):
     out = tmp_path / "oom.json"
     # 16 samples per chip at 2048 px: XLA attention's fp32 logits alone are ~32 GiB per chip
-    args = TINY[:-6] + ["--resolution", "2048", "--batch-per-chip", "16", "--text-len", "16", "--flops", "raw",
-                        "--json", str(out)]
+    args = TINY[:6] + ["--resolution", "2048", "--batch-per-chip", "16", "--text-len", "16", "--attention", "xla",
+                       "--flops", "raw", "--json", str(out)]
     assert cli.main(args) == 0
     steps = json.loads(out.read_text())["steps"]
     assert steps and all(s["fits"] is False for s in steps.values())
@@ -91,3 +91,38 @@ def test_plan_bad_mesh_is_one_error_line(capsys):
     assert cli.run(TINY + ["--mesh", "data=3"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --mesh")
+
+
+def test_scanned_taps_match_the_loop_with_gradients():
+    """The scan keeps only the tap rows (not every layer's output): values and gradients equal the looped stack."""
+    scanned = nnx.state(models.create("qwen_image_tiny", seed=0, scan_layers=True, remat="full"))
+    stacked = {tuple(str(k) for k in p): v for p, v in nnx.to_flat_state(scanned)}
+
+    def run(scan):
+        model = models.create("qwen_image_tiny", seed=1, scan_layers=scan, remat="full")
+        graphdef, state = nnx.split(model)
+        flat = []  # the same weights in both: the looped blocks get their layer of the scanned stack
+        for p, v in nnx.to_flat_state(state):
+            key = tuple(str(k) for k in p)
+            if not scan and key[0] == "transformer_blocks":
+                flat.append((p, v.replace(stacked[(key[0],) + key[2:]][...][int(key[1])])))
+            else:
+                flat.append((p, v.replace(stacked[key][...])))
+        state = nnx.from_flat_state(flat)
+        rng = np.random.default_rng(1)
+        x = jnp.asarray(rng.normal(size=(2, 16, 16)), jnp.float32)
+        ctx = jnp.asarray(rng.normal(size=(2, 8, 24)), jnp.float32)
+        t = jnp.asarray([0.3, 0.8], jnp.float32)
+
+        def loss(x):
+            out, feats = nnx.merge(graphdef, state).forward(x, ctx, None, t, ((1, 4, 4),), taps=(1, 0, 1))
+            return jnp.sum(out ** 2) + sum(jnp.sum(jnp.sin(f) * (j + 1)) for j, f in enumerate(feats)), feats
+        (val, feats), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(x)
+        return val, feats, grad
+    v_s, f_s, g_s = run(True)
+    v_l, f_l, g_l = run(False)
+    np.testing.assert_allclose(v_s, v_l, rtol=1e-5)
+    for a, b in zip(f_s, f_l):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g_s, g_l, rtol=1e-4, atol=1e-5)
+    assert float(jnp.abs(g_s).max()) > 0

@@ -44,7 +44,9 @@ def run_blocks(blocks, carry, consts, *, scan: bool, remat: str, taps: Sequence[
     """Apply a stack of blocks to `carry`: scanned over the leading `layers` axis, or looped over a list.
 
     With `taps` (0-based block indices), also return `[carry[0] after block i for i in taps]` (the feature taps of
-    the distillation discriminators); the scan then emits `carry[0]` of every layer and the taps are gathered.
+    the distillation discriminators). The scan keeps them in a `[n_taps, ...]` buffer written at the tap layers
+    only: emitting `carry[0]` of every layer would stack all of them (1.5 GB per 1024 px sample at 20B, 60 layers,
+    and as much again for its cotangent), for the 3 the discriminator reads.
 
     On a mesh (`jax.set_mesh`) the `[B, L, D]` streams of the carry are constrained to ("batch", "length", "embed")
     on entry and after every block, so each chip keeps its own samples through the stack; without one, a no-op."""
@@ -66,11 +68,28 @@ def run_blocks(blocks, carry, consts, *, scan: bool, remat: str, taps: Sequence[
         shadow = jax.tree.map(_grad_shadow, state)
         body = make_body(graphdef)
 
-        def scan_body(c, xs):
-            layer_shadow, layer_bits = xs
+        def layer(c, xs):
+            layer_shadow, layer_bits = xs[:2]
             return body(c, jax.tree.map(_from_bits_or_same, layer_bits, layer_shadow, is_leaf=lambda x: x is None))
-        carry, ys = jax.lax.scan(scan_body, carry, (shadow, bits), unroll=_UNROLL["scans"])
-        return (carry, [ys[i] for i in taps]) if collect else carry
+        if not collect:
+            carry, _ = jax.lax.scan(layer, carry, (shadow, bits), unroll=_UNROLL["scans"])
+            return carry
+        uniq = sorted(set(int(i) for i in taps))
+        n_layers = jax.tree.leaves(state)[0].shape[0]
+        slot = np.full((n_layers,), -1, np.int32)  # which buffer row layer i writes, -1: none
+        slot[uniq] = np.arange(len(uniq))
+
+        def scan_body(c_buf, xs):
+            c, buf = c_buf
+            out, y = layer(c, xs)
+            i = jnp.maximum(xs[2], 0)
+            # a tap layer writes its row; the others write the row back unchanged (linear: no residuals saved)
+            row = jnp.where(xs[2] >= 0, y, jax.lax.dynamic_index_in_dim(buf, i, 0, keepdims=False))
+            return (out, jax.lax.dynamic_update_index_in_dim(buf, row, i, 0)), None
+        buf = jnp.zeros((len(uniq), *carry[0].shape), carry[0].dtype)
+        (carry, buf), _ = jax.lax.scan(scan_body, (carry, buf), (shadow, bits, jnp.asarray(slot)),
+                                       unroll=_UNROLL["scans"])
+        return carry, [buf[uniq.index(int(i))] for i in taps]
     outs = []
     for block in blocks:
         graphdef, state = nnx.split(block)

@@ -8,9 +8,11 @@ FLOPs: `cost_analysis()` is per device but counts a `lax.scan` (or while-loop) b
 stack is undercounted by its depth. The corrected figure compiles the same step twice more with the block scans
 unrolled (`turbojax.nn.blocks.unrolled_scans`) at 1 and 2 layers: per_layer = F(2) - F(1), non_loop = F(1) - per_layer, and
 flops = non_loop + num_layers x per_layer (remat's recomputation included, as it is in the unrolled programs). The
-same correction is applied to `bytes accessed`. Pallas kernels are not counted by the cost model; with
-`attention_impl="splash"` each attention forward would add 4*B*H*L^2*Dh analytically (x3 with its backward) [not
-done yet: splash has not landed; the XLA attention is counted by the compiler].
+same correction is applied to `bytes accessed`. Pallas kernels (splash attention) are not counted by the cost
+model, so with a Pallas attention the small copies are compiled twice: with the XLA attention for the FLOPs (the
+same matmuls, 4*B*H*L^2*Dh per forward and about twice that for the backward, counted by the compiler for every
+attention call of the step whatever the method does) and with the configured attention for the bytes accessed
+(the XLA attention's fp32 logits traffic would inflate them).
 
 Step time is an ESTIMATE, a roofline: max(flops / (0.5 x bf16 peak), bytes accessed / HBM bandwidth) per device,
 with the published chip peaks (`scale.md` §3); collectives, overlap and kernel efficiency are not modelled.
