@@ -16,6 +16,7 @@ take its slice: a stacked 60-layer leaf of a 20B model is 4.5 GB). Exports writt
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from pathlib import Path
@@ -155,7 +156,18 @@ def iter_parts(directory: Path, meta: dict, targets: Mapping[tuple[str, ...], ob
             if missing:
                 raise CheckpointError(f"{directory}/params/{part['name']}: missing leaves "
                                       f"{['.'.join(p) for p in missing]}")
+            del restored
+            _trim_heap()
             yield {p: flat[p] for p in paths}
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc): a restore's reader threads free their decode buffers into
+    per-thread malloc arenas, where they would otherwise pile up part after part (bench/load_memory.py)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def host_target(shape, dtype):
