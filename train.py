@@ -368,7 +368,7 @@ def distill(cfg, workdir: Path) -> int:
     # Trainables, optimiser states and EMA laid out like the base weights they adapt; every step jitted with explicit
     # in/out shardings and the state donated
     plan = sharded.plan(mesh, method.turns, method.txs, method.params, frozen)
-    frozen = plan.put_frozen(frozen)
+    frozen = distributed.put(frozen, plan.frozen)  # = plan.put_frozen, also from arrays each host loaded
     engine = Engine(method.turns, method.txs, float(cfg.ema_decay), seed=int(cfg.seed), shardings=plan)
     state = engine.init_state(method.params)
     n_train = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state["params"]))

@@ -26,10 +26,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(devices: int) -> dict:
+def _env(devices: int, processes: int = 1) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                TURBOJAX_PROGRESS="0")
+    if processes > 1:
+        # gloo gives the processes 30 s (fixed) to meet at a new collective; on a loaded machine two processes that
+        # compile the same step independently can drift further apart. Process 0 compiles and shares each binary
+        # instead (the others wait for it, so they start every new step together); without the persistent cache,
+        # so no process skips the sharing on a cache hit while another waits for it.
+        env.update(JAX_SHARE_BINARY_BETWEEN_HOSTS="true", JAX_ENABLE_COMPILATION_CACHE="false")
     return env
 
 
@@ -147,7 +153,7 @@ def _run_two(teacher, workdir, total, tmp_path) -> list[str]:
         log = open(tmp_path / f"p{pid}_{total}.log", "w")
         procs.append((subprocess.Popen([sys.executable, *_train_args(teacher, workdir, total),
                                         *_dist_flags(port, pid)], cwd=tmp_path, stdout=log,
-                                       stderr=subprocess.STDOUT, env=_env(4)), log))
+                                       stderr=subprocess.STDOUT, env=_env(4, 2)), log))
     try:
         for p, _ in procs:
             p.wait(timeout=RUN_TIMEOUT)
@@ -233,3 +239,63 @@ def test_two_processes_train_save_resume_and_equal_one_process(tmp_path):
 def _initial(key: str, value: np.ndarray) -> np.ndarray:
     """LoRA `b` factors start at zero: a trained one differs from zeros (the run really moved the trainables)."""
     return np.zeros_like(value) if key.endswith("['b']") else value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sample.py
+# ---------------------------------------------------------------------------------------------------------------
+def test_sample_py_multi_host_flags_are_checked(tmp_path):
+    sys.path.insert(0, str(REPO))
+    import sample
+    from test_sample_cli import stub_pipeline
+    stub = stub_pipeline(tmp_path)
+
+    def err(*argv):
+        with pytest.raises(SystemExit) as e:
+            sample.main([*map(str, argv)])
+        msg = str(e.value.code)
+        assert msg.startswith("error: ") and "\n" not in msg, msg
+        return msg
+    common = ("--model", stub, "--prompt", "a cat", "--width", 32, "--height", 32, "--out", tmp_path / "o.png")
+    assert "--coordinator-address '127.0.0.1' must be HOST:PORT" in err(*common, "--coordinator-address", "127.0.0.1",
+                                                                          "--num-processes", "2")
+    assert "--process-id 3 must be < num_processes 2" in err(*common, "--coordinator-address", "h:1",
+                                                               "--num-processes", 2, "--process-id", 3)
+    assert "--num-processes / --coordinator-address / --distributed-auto need --model" in err("--num-processes", 2)
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.slow
+def test_sample_py_on_two_processes_writes_the_one_process_images(tmp_path):
+    """3 images, batch 1: process 0 samples images 0 and 2, process 1 image 1; process 0 writes them all."""
+    from test_pipeline_e2e import qwen_pipeline_torch
+    folder = tmp_path / "Qwen-Image-tiny"
+    qwen_pipeline_torch().save_pretrained(folder)
+    args = [str(REPO / "sample.py"), "--model", str(folder), "--config", "configs/sample_qwen_image_turbo_2step.py",
+            "--prompt", "a red cat sitting on a blue chair", "--num-images", "3", "--width", "32", "--height", "32",
+            "--dtype", "float32"]
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one.npz")], cwd=REPO, capture_output=True,
+                         text=True, env=_env(1), timeout=RUN_TIMEOUT)
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, *args, "--out", str(tmp_path / "two.npz"), "--coordinator-address",
+                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(pid),
+                               "--distributed-timeout", "120"], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=_env(2, 2)) for pid in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=RUN_TIMEOUT)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:  # a hang: end both (ours) so the test fails instead of blocking
+                p.kill()
+                p.wait()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    assert "wrote" in outs[0] and "wrote" not in outs[1]
+    assert sorted(f.name for f in tmp_path.glob("*.npz")) == ["one.npz", "two.npz"]
+    a, b = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert a["images"].shape == (3, 32, 32, 3) and len(np.unique(a["images"].reshape(3, -1), axis=0)) == 3
+    np.testing.assert_array_equal(b["images"], a["images"])
+    assert list(b["seeds"]) == list(a["seeds"]) == [0, 1, 2] and list(b["prompts"]) == list(a["prompts"])
