@@ -112,3 +112,15 @@ def constrain_residual(tree):
     ("batch", "length", "embed"): one sample per data-parallel chip, so XLA never gathers the batch inside the
     stack (`scale.md` §0 cause 2). Arrays of other ranks pass through."""
     return jax.tree.map(lambda x: constrain(x, RESIDUAL_AXES) if getattr(x, "ndim", 0) == 3 else x, tree)
+
+
+def constrain_per_sample(x: jax.Array) -> jax.Array:
+    """A per-sample vector `[B, F]` (the timestep modulations of a DiT block) constrained to the batch layout
+    ("batch", replicated features); a no-op without a mesh.
+
+    Why: these come out of a Linear whose output features are tensor-sharded ("mod" -> tensor). Left to
+    propagation, XLA:CPU (jax 0.10.2, Shardy and GSPMD alike) computed wrong values on a (data=2, fsdp=2, tensor=2)
+    mesh when such a vector scales an MLP output with the batch over data x fsdp (errors of order 1; the 1-D
+    meshes and 2-axis meshes were exact). Pinning the vector to the batch layout gives the exact result, and it
+    is the layout the elementwise modulation needs anyway (each chip holds its own samples' vectors)."""
+    return constrain(x, ("batch",) + (None,) * (x.ndim - 1))

@@ -23,7 +23,7 @@ from flax import nnx
 from turbojax.nn.attention import attention
 from turbojax.nn.layers import Linear, RMSNorm, broadcast_rows, gelu_tanh, layer_norm, timestep_sinusoid
 from turbojax.nn.blocks import make_blocks, run_blocks
-from turbojax.sharding import constrain_residual
+from turbojax.sharding import constrain_per_sample, constrain_residual
 from turbojax.nn.remat import remat_policy
 from turbojax.nn.rope import apply_rope, rope_angles
 
@@ -195,8 +195,11 @@ class DualStreamBlock(nnx.Module):
     def __call__(self, img, txt, temb_silu, key_mask, rope):
         # chunk(2) then chunk(3): (shift1, scale1, gate1, shift2, scale2, gate2)
         # broadcast_rows: the same values, with a gradient that sums over tokens quickly (see its docstring)
-        mi = [broadcast_rows(m, img.shape) for m in jnp.split(self.img_mod(temb_silu)[:, None, :], 6, axis=-1)]
-        mt = [broadcast_rows(m, txt.shape) for m in jnp.split(self.txt_mod(temb_silu)[:, None, :], 6, axis=-1)]
+        # per-sample modulations laid out like the batch (see `constrain_per_sample`: an XLA:CPU SPMD miscompile)
+        mod_i = constrain_per_sample(self.img_mod(temb_silu))[:, None, :]
+        mod_t = constrain_per_sample(self.txt_mod(temb_silu))[:, None, :]
+        mi = [broadcast_rows(m, img.shape) for m in jnp.split(mod_i, 6, axis=-1)]
+        mt = [broadcast_rows(m, txt.shape) for m in jnp.split(mod_t, 6, axis=-1)]
 
         def modulate(x, shift, scale):
             return layer_norm(x, 1e-6) * (1 + scale) + shift
@@ -270,7 +273,7 @@ class QwenImageTransformer(nnx.Module):
         (img, txt), feats = res if taps else (res, None)
         img = constrain_residual(img)  # leaving the stack
 
-        scale, shift = jnp.split(self.norm_out(temb_silu)[:, None, :], 2, axis=-1)
+        scale, shift = jnp.split(constrain_per_sample(self.norm_out(temb_silu))[:, None, :], 2, axis=-1)
         hidden = layer_norm(img, 1e-6) * (1 + scale) + shift
         out = hidden if return_hidden else self.proj_out(hidden)
         return (out, feats) if taps else out

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from turbojax.nn.blocks import make_blocks, run_blocks
-from turbojax.sharding import constrain_residual
+from turbojax.sharding import constrain_per_sample, constrain_residual
 from turbojax.nn.attention import attention
 from turbojax.nn.layers import Linear, RMSNorm, SwiGLU, broadcast_rows, layer_norm
 from turbojax.nn.remat import remat_policy
@@ -293,7 +293,8 @@ class ZImageBlock(nnx.Module):
             x = x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
             return (x,)
         # no shift terms; scales are 1 + s and gates tanh(g); the time embedding enters without SiLU
-        scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(self.adaLN_modulation(adaln)[:, None, :], 4, axis=-1)
+        mod = constrain_per_sample(self.adaLN_modulation(adaln))[:, None, :]  # see sharding.constrain_per_sample
+        scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(mod, 4, axis=-1)
         # broadcast_rows: the same values, with a gradient that sums over tokens quickly (see its docstring)
         scale_msa, gate_msa, scale_mlp, gate_mlp = (broadcast_rows(m, x.shape) for m in (
             1.0 + scale_msa, jnp.tanh(gate_msa), 1.0 + scale_mlp, jnp.tanh(gate_mlp)))
@@ -381,7 +382,7 @@ class ZImageTransformer(nnx.Module):
         (uni,), feats = res if taps else (res, None)
         uni = constrain_residual(uni)  # leaving the stack: still one sample per data-parallel chip on a mesh
 
-        scale = 1.0 + self.final_mod(jax.nn.silu(adaln))[:, None, :]
+        scale = 1.0 + constrain_per_sample(self.final_mod(jax.nn.silu(adaln)))[:, None, :]
         hidden = layer_norm(uni, 1e-6) * scale
         if (taps or return_hidden) and len(set(plan.n_img)) != 1:
             raise ValueError(f"feature taps and return_hidden need one latent size across the batch, got "
