@@ -12,6 +12,8 @@ os.environ.setdefault("TURBOJAX_PROGRESS", "0")
 # libtpu is installed for the AOT plan tests (TPU topologies are compile-only here); keep the run on CPU so libtpu
 # does not probe for TPU workers (and print about it) whenever a test or a CLI subprocess starts JAX.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# a train.py subprocess holds libtpu's lock file; the AOT tests' compile-only TPU client must not be refused for it
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 

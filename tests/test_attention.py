@@ -109,10 +109,27 @@ def test_chunked_gradients_match_xla():
 
 def test_impl_names():
     assert {"xla", "chunked", "auto"} <= set(IMPLEMENTATIONS)
-    assert resolve_impl("auto") == ("chunked" if jax.default_backend() == "cpu" else "xla")
+    assert resolve_impl("auto") == {"cpu": "chunked", "tpu": "splash"}.get(jax.default_backend(), "xla")
     (q, k, v), mask = make_inputs(6, sq=3, sk=3, h=1, d=4)
     with pytest.raises(ValueError, match="unknown attention impl"):
         attention(q, k, v, mask, impl="flash")
+
+
+def test_auto_follows_the_mesh_platform():
+    """"auto" picks by the platform of the mesh being traced for (AOT lowering for a TPU topology from a CPU host
+    gets the splash kernel), not by the host's default backend."""
+    import numpy as np
+    from jax.sharding import Mesh
+    topologies = pytest.importorskip("jax.experimental.topologies")
+    try:
+        devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+    except Exception as e:  # no libtpu: nothing to lower for
+        pytest.skip(f"no TPU compiler here ({type(e).__name__})")
+    with jax.set_mesh(Mesh(np.array(devices).reshape(1, 4, 1), ("data", "fsdp", "tensor"))):
+        assert resolve_impl("auto") == "splash"
+    cpu = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    with jax.set_mesh(cpu):
+        assert resolve_impl("auto") == "chunked"
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])

@@ -5,8 +5,8 @@ Implementations:
     logits tensor. Kept simple on purpose: it is what the other implementations are tested against.
   * "chunked" – same maths, computed one (batch, head) pair and one block of queries at a time, with an online
     (flash-style) softmax over key blocks when the keys exceed `kv_block`. Fastest on CPU, see below.
-  * "auto"    – "chunked" on CPU, "xla" elsewhere ("chunked" loops over (batch, head) pairs one at a time, which
-    suits a 2-core CPU but would serialise an accelerator).
+  * "auto"    – "chunked" on CPU, "splash" on TPU, "xla" elsewhere ("chunked" loops over (batch, head) pairs one
+    at a time, which suits a 2-core CPU but would serialise an accelerator).
   * "cudnn"   – `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, bf16/fp16 only).
   * "splash"  – the Pallas TPU splash kernel (`turbojax.nn.splash`), inside `jax.shard_map` when a mesh is set
     (batch over data x fsdp, heads over tensor); Pallas interpret mode off TPU (exact, slow: for tests).
@@ -289,10 +289,19 @@ def _chunked_attention(q, k, v, key_mask, scale, q_block: int | None = None, kv_
     return attend(q, k, v, key_mask)
 
 
+def current_platform() -> str:
+    """Where the computation being traced will run: the platform of the mesh set with `jax.set_mesh` when there is
+    one (so lowering for a TPU topology from a CPU host counts as TPU), else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def resolve_impl(impl: str) -> str:
-    """Map "auto" to the concrete implementation for the default backend."""
+    """Map "auto" to the concrete implementation for the platform: "chunked" on CPU, "splash" on TPU, "xla"
+    elsewhere."""
     if impl == "auto":
-        return "chunked" if jax.default_backend() == "cpu" else "xla"
+        return {"cpu": "chunked", "tpu": "splash"}.get(current_platform(), "xla")
     return impl
 
 

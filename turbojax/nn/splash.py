@@ -148,9 +148,8 @@ def _specs(mesh, q, k):
 def platform() -> str:
     """Where the kernel will run: the current mesh's platform when one is set (so AOT lowering for TPU from a CPU
     host picks the TPU kernel), else JAX's default backend."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    return device.platform if device is not None else jax.default_backend()
+    from turbojax.nn.attention import current_platform
+    return current_platform()
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None = None, *,
