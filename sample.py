@@ -374,23 +374,6 @@ def latent_channels(model: Path, family: str) -> int | None:
     return v // 4 if family == "qwen_image" else v
 
 
-def gather_batches(images: list, batches: list, batch_size: int) -> list:
-    """Every process's batches (round-robin, see `main`) in batch order on every process: each pads its images to
-    the same count of full batches for `process_allgather` (a collective: all processes call it)."""
-    import jax
-    from jax.experimental import multihost_utils
-    nproc, per = jax.process_count(), -(-len(batches) // jax.process_count())
-    shape = images[0].shape[1:] if images else None
-    shapes = multihost_utils.process_allgather(np.asarray(shape or (0, 0, 0), np.int64))
-    shape = tuple(int(x) for x in shapes.max(0))  # a process with no batch learns the image shape
-    local = np.zeros((per * batch_size, *shape), np.uint8)
-    for j, im in enumerate(images):
-        local[j * batch_size:j * batch_size + len(im)] = im
-    everyone = np.asarray(multihost_utils.process_allgather(local))  # [nproc, per * batch_size, H, W, C]
-    return [everyone[j % nproc, (j // nproc) * batch_size:(j // nproc) * batch_size + len(idx)]
-            for j, idx in enumerate(batches)]
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="diffusers pipeline folder (or a turbojax export of one); without it, sample.py "
@@ -600,6 +583,7 @@ def main(argv=None) -> int:
     except PipelineError as e:
         fail(str(e))
     if multi:
+        from turbojax.distributed import gather_batches
         images = gather_batches(images, batches, args.batch_size)
         if pid != 0:
             return 0  # process 0 writes

@@ -15,6 +15,8 @@
                                                           local device (a model loaded on each host) on a mesh
                                                           spanning hosts, from each host's own copy
     host_copy(tree) -> numpy tree                         every process calls it; gathers arrays spread over hosts
+    gather_batches(images, batches, batch_size) -> list   sample.py: the batches dealt round-robin over the
+                                                          processes, back in batch order on every process
 
 Why the pre-checks in `initialize`: a coordinator that cannot be reached (or a port already taken) makes XLA's
 coordination client abort the whole process with a C++ stack trace, which Python cannot catch. So the address is
@@ -261,3 +263,24 @@ def host_copy(tree):
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(x)
     return jax.tree.map(one, tree)
+
+
+def gather_batches(images: list, batches: list, batch_size: int) -> list:
+    """`images[k]` (uint8 [len(batch), H, W, C]) is this process's k-th batch, batch j being sampled by process
+    j % process_count; returns every batch's images in batch order, on every process (a collective: all call it).
+    Each process pads its images to the same count of full batches for `process_allgather`."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    nproc = jax.process_count()
+    per = -(-len(batches) // nproc)
+    shape = images[0].shape[1:] if images else (0, 0, 0)
+    # a process without a batch (fewer batches than processes) learns the image shape from the others
+    shape = tuple(int(x) for x in np.asarray(multihost_utils.process_allgather(np.asarray(shape, np.int32))).max(0))
+    local = np.zeros((per * batch_size, *shape), np.uint8)
+    for k, im in enumerate(images):
+        local[k * batch_size:k * batch_size + len(im)] = im
+    everyone = np.asarray(multihost_utils.process_allgather(local))  # [nproc, per * batch_size, H, W, C]
+    return [everyone[j % nproc, (j // nproc) * batch_size:(j // nproc) * batch_size + len(idx)]
+            for j, idx in enumerate(batches)]
