@@ -26,10 +26,11 @@ def __dir__():
     return sorted(set(globals()) | set(_submodules()))
 
 
-def training_data(cfg, workdir, *, progress=print):
+def training_data(cfg, workdir, *, progress=print, mesh=None):
     """(batches, frozen transformer, latent shape of one sample, caption length) for a distillation run: the caches
     the config needs are built first when missing (the pipeline is then loaded once and its text encoder and VAE
-    dropped); otherwise only the transformer is loaded."""
+    dropped); otherwise only the transformer is loaded. With `mesh`, the weights are read shard by shard onto it
+    (no host holds the whole model)."""
     import jax
     import jax.numpy as jnp
 
@@ -46,7 +47,7 @@ def training_data(cfg, workdir, *, progress=print):
     loaded = {}
 
     def load_pipe(c):
-        loaded["pipe"] = build._load_pipe(c)
+        loaded["pipe"] = build._load_pipe(c, mesh=mesh)
         return loaded["pipe"]
 
     try:
@@ -66,7 +67,8 @@ def training_data(cfg, workdir, *, progress=print):
     else:
         try:
             base = models.from_diffusers(Path(cfg.init_from) / "transformer", dtype=jnp.dtype(cfg.dtype),
-                                         scan_layers=cfg.scan_layers, attention_impl=cfg.attention_impl)
+                                         scan_layers=cfg.scan_layers, attention_impl=cfg.attention_impl,
+                                         mesh=mesh)
         except (ValueError, OSError) as e:
             raise UserError(f"--config.init_from {cfg.init_from}: {e}") from None
     mcfg = base.config

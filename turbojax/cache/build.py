@@ -300,8 +300,8 @@ def ensure(cfg, root: Path, kinds=("text",), *, progress: Callable[[str], None] 
     return folders
 
 
-def _load_pipe(cfg):
+def _load_pipe(cfg, mesh=None):
     import jax.numpy as jnp
     from turbojax import pipelines
     return pipelines.from_diffusers(cfg.init_from, dtype=jnp.dtype(cfg.dtype), scan_layers=cfg.scan_layers,
-                                    attention_impl=cfg.attention_impl)
+                                    attention_impl=cfg.attention_impl, mesh=mesh)
