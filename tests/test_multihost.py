@@ -90,9 +90,10 @@ def test_settings_are_checked_before_anything_starts():
     for items, pattern in bad.items():
         with pytest.raises(UserError, match=pattern):
             D.check(D.settings(dict(items)))
-    assert D.auto_detected({"SLURM_NTASKS": "4"}) == "SLURM_NTASKS"
+    assert D.auto_detected({"SLURM_STEP_NUM_TASKS": "4"}) == "SLURM_STEP_NUM_TASKS"
     assert D.auto_detected({"TPU_WORKER_HOSTNAMES": "a,b"}) == "TPU_WORKER_HOSTNAMES"
-    assert D.auto_detected({"SLURM_NTASKS": "1", "TPU_WORKER_HOSTNAMES": "a"}) is None
+    assert D.auto_detected({"SLURM_STEP_NUM_TASKS": "1", "TPU_WORKER_HOSTNAMES": "a"}) is None
+    assert D.auto_detected({"SLURM_NTASKS": "4"}) is None  # a salloc shell, not an srun task: one process
     assert D.auto_detected({}) is None
 
 

@@ -4,7 +4,7 @@
     initialize(settings, *, where="--config.distributed") -> bool
         joins the processes once, before any JAX computation: explicit coordinator / count / id (GPU hosts, the
         loopback test) or `auto` (Cloud TPU / GKE / SLURM / Open MPI detection by jax); also automatic when the
-        environment names more than one process (TPU_WORKER_HOSTNAMES, MEGASCALE_*, SLURM_NTASKS,
+        environment names more than one process (TPU_WORKER_HOSTNAMES, MEGASCALE_*, SLURM_STEP_NUM_TASKS,
         OMPI_COMM_WORLD_SIZE). A second call, or one after jax.distributed.initialize elsewhere, does nothing.
         Bad values raise UserError (one `error:` line naming the setting).
     is_primary() -> bool                                  process 0: the one that logs and writes files
@@ -42,7 +42,7 @@ _AUTO_ENV = (
     ("TPU_WORKER_HOSTNAMES", lambda v: len([h for h in v.split(",") if h.strip()])),  # GKE TPU slices
     ("TPU_PROCESS_ADDRESSES", lambda v: len([h for h in v.split(",") if h.strip()])),
     ("MEGASCALE_NUM_SLICES", int),  # multi-slice TPU: several slices are several processes
-    ("SLURM_NTASKS", int),
+    ("SLURM_STEP_NUM_TASKS", int),  # set by srun for its tasks (a bare salloc shell has SLURM_NTASKS only)
     ("OMPI_COMM_WORLD_SIZE", int),
 )
 

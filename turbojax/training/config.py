@@ -390,7 +390,7 @@ def distributed_config() -> ml_collections.ConfigDict:
     coordinator_address  process 0's HOST:PORT (GPU hosts; with num_processes > 1 and this process's process_id)
     num_processes / process_id / local_device_ids   the explicit set-up (local_device_ids: this process's devices)
     auto                 let jax detect the cluster (Cloud TPU VMs, GKE, SLURM, Open MPI); also implied when the
-                         environment names several processes (TPU_WORKER_HOSTNAMES, SLURM_NTASKS, ...)
+                         environment names several processes (TPU_WORKER_HOSTNAMES, SLURM_STEP_NUM_TASKS, ...)
     timeout_s            how long processes wait for each other to join
     """
     return ml_collections.ConfigDict(dict(coordinator_address="", num_processes=1, process_id=0,
