@@ -237,6 +237,42 @@ def test_two_processes_train_save_resume_and_equal_one_process(tmp_path):
         np.testing.assert_allclose(la[k], lb[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow
+def test_sigterm_on_one_host_stops_both_at_the_same_step(tmp_path):
+    """A preemption notice may reach one host only: all processes agree every step, save the same checkpoint
+    together and exit 0."""
+    import signal
+    import time
+    from turbojax.digits import model as digits_model
+    teacher = digits_model.save_export(digits_model.new_teacher(3), tmp_path / "teacher")
+    work, port = tmp_path / "w", _free_port()
+    args = _train_args(teacher, work, 10_000) + ["--config.checkpoint_every", "1000"]
+    logs = [open(tmp_path / f"p{pid}.log", "w") for pid in range(2)]
+    procs = [subprocess.Popen([sys.executable, *args, *_dist_flags(port, pid)], cwd=tmp_path, stdout=logs[pid],
+                              stderr=subprocess.STDOUT, env=_env(4, 2)) for pid in range(2)]
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not ((work / "metrics.jsonl").is_file() and (work / "metrics.jsonl").read_text().count("\n") >= 2):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "training did not start"
+            time.sleep(1)
+        procs[1].send_signal(signal.SIGTERM)  # process 1 only
+        for p in procs:
+            p.wait(timeout=RUN_TIMEOUT)
+    finally:
+        for p, log in zip(procs, logs):
+            if p.poll() is None:  # a hang: end both (ours) so the test fails instead of blocking
+                p.kill()
+                p.wait()
+            log.close()
+    outs = [(tmp_path / f"p{pid}.log").read_text() for pid in range(2)]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert "stopped by SIGTERM on another host at step" in outs[0], outs[0][-2000:]
+    step = int(outs[0].split("stopped by SIGTERM on another host at step ")[1].split(";")[0])
+    assert os.listdir(work / "checkpoints") == [str(step)] and step >= 2
+    steps = [json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, step + 1))
+
+
 def _initial(key: str, value: np.ndarray) -> np.ndarray:
     """LoRA `b` factors start at zero: a trained one differs from zeros (the run really moved the trainables)."""
     return np.zeros_like(value) if key.endswith("['b']") else value
