@@ -12,6 +12,7 @@
 --model     base preset (default: the config's `model`, else from the config's file name: qwen_image, z_image_turbo)
 --flops     layers: FLOPs corrected for the scan by compiling 1- and 2-layer unrolled copies (2 small extra compiles
             per step); raw: cost_analysis as is (the scanned stack counted once)
+--steps     only these steps (comma list of the method's turn names; default: all)
 --json      write {"topology", "mesh", "steps": {STEP: {...}}} atomically
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ from turbojax.training import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[2]
 FLAGS = {"topology": None, "num-slices": "1", "mesh": "data=1,fsdp=-1,tensor=1", "remat": "", "resolution": "1024",
-         "batch-per-chip": "1", "text-len": "256", "attention": "splash", "model": "", "flops": "layers", "json": ""}
+         "batch-per-chip": "1", "text-len": "256", "attention": "splash", "model": "", "flops": "layers", "steps": "", "json": ""}
 
 
 def _int(flags, name: str, minimum: int = 1) -> int:
@@ -89,6 +90,11 @@ def main(argv: list[str]) -> int:
           f"{cfg.remat}, attention {flags['attention']}; {flags['topology']} x{num_slices} ({len(devices)} chips "
           f"{chip.name}, HBM {chip.hbm_bytes / 2**30:.2f} GiB), mesh {mesh_desc}", flush=True)
 
+    wanted = [n for n in flags["steps"].split(",") if n]
+    unknown = sorted(set(wanted) - {s.name for s in setup.steps})
+    if unknown:
+        raise UserError(f"--steps {flags['steps']}: no step {unknown[0]!r}; the method has "
+                        f"{', '.join(s.name for s in setup.steps)}")
     small = {}
     if flags["flops"] == "layers":  # per-layer FLOPs from unrolled 1- and 2-layer copies (see measure.py)
         from turbojax.nn.blocks import unrolled_scans
@@ -103,11 +109,14 @@ def main(argv: list[str]) -> int:
                 s = build_lib.build(cfg, preset, mesh, num_layers=n, **{**kw, "attention": impl})
                 # traced under the mesh (the models' activation constraints see it), block scans unrolled
                 with jax.set_mesh(mesh), unrolled_scans():
-                    got[impl] = {st.name: measure.cost_only(st) for st in s.steps}
+                    got[impl] = {st.name: measure.cost_only(st) for st in s.steps
+                                 if not wanted or st.name in wanted}
             small[n] = {name: (got[impls["flops"]][name][0], got[impls["bytes"]][name][1])
                         for name in got[impls["flops"]]}
     steps = {}
     for step in setup.steps:
+        if wanted and step.name not in wanted:
+            continue
         print(f"compiling {step.name} ...", flush=True)
         with jax.set_mesh(mesh):
             r = measure.compile_step(step)

@@ -2,7 +2,9 @@
 
 Memory is `compiled.memory_analysis()` (per device): total = argument + output + temp - alias (MaxText's estimate).
 A compile that runs out of HBM raises RESOURCE_EXHAUSTED; it is reported as `fits: false` with the compiler's own
-figures (the argument / output bytes then come from the shardings of the abstract arguments and outputs).
+figures: its total requirement (arguments included), from which temp = total - (argument + output - alias), the
+argument / output bytes coming from the shardings of the abstract arguments and outputs. `peak_bytes` is the
+compiler's own peak (`peak_memory_in_bytes`: arguments + live temporaries), the figure its HBM check uses.
 
 FLOPs: `cost_analysis()` is per device but counts a `lax.scan` (or while-loop) body once, so the scanned block
 stack is undercounted by its depth. The corrected figure compiles the same step twice more with the block scans
@@ -56,8 +58,11 @@ def out_of_memory(err: Exception) -> dict | None:
     if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
         return None
     line = next((l.strip() for l in text.splitlines() if "memory" in l.lower()), text.strip().splitlines()[0])
-    return {"message": line[:400], "temp_bytes": _figure(text, "HLO temporaries"),
-            "hbm_bytes": _figure(text, "available HBM")}
+    # Two wordings; both figures are the whole requirement, arguments included (checked on a toy program: a 10 GiB
+    # argument and 8 GiB of temporaries give "HLO temporaries (18.00G)")
+    used = re.search(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm", text)  # "CompileTimeHbmOom"
+    used = int(float(used.group(1)) * _UNITS[used.group(2)]) if used else _figure(text, "HLO temporaries")
+    return {"message": line[:400], "used_bytes": used, "hbm_bytes": _figure(text, "available HBM")}
 
 
 def compile_step(step) -> dict:
@@ -71,14 +76,17 @@ def compile_step(step) -> dict:
         oom = out_of_memory(e)
         if oom is None:
             raise
-        state_bytes = _shard_bytes(step.args[0])  # the donated state
-        return {"oom": oom, "argument_bytes": _shard_bytes(step.args), "output_bytes": _shard_bytes(out_abstract),
-                "alias_bytes": state_bytes, "temp_bytes": oom["temp_bytes"],
-                "compile_seconds": round(time.perf_counter() - t0, 1)}
+        r = {"oom": oom, "argument_bytes": _shard_bytes(step.args), "output_bytes": _shard_bytes(out_abstract),
+             "alias_bytes": _shard_bytes(step.args[0]),  # the donated state
+             "temp_bytes": None, "compile_seconds": round(time.perf_counter() - t0, 1)}
+        if oom["used_bytes"] is not None:  # the compiler's total, less what the arguments and outputs hold
+            r["temp_bytes"] = oom["used_bytes"] - (r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"])
+        return r
     m = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return {"argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
+    return {"peak_bytes": int(getattr(m, "peak_memory_in_bytes", 0)) or None,
+            "argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
             "alias_bytes": int(m.alias_size_in_bytes), "temp_bytes": int(m.temp_size_in_bytes),
             "flops_raw": float(cost.get("flops", 0.0)), "bytes_accessed_raw": float(cost.get("bytes accessed", 0.0)),
             "compile_seconds": round(time.perf_counter() - t0, 1)}
@@ -109,7 +117,9 @@ def summarise(r: dict, chip: Chip) -> dict:
            "temp_bytes": temp, "total_bytes": total, "hbm_bytes": chip.hbm_bytes, "fits": bool(fits),
            "flops_per_device": flops, "est_step_seconds": None if est is None else round(est, 4),
            "bytes_accessed_per_device": nbytes, "flops_method": r.get("flops_method"),
-           "compile_seconds": r.get("compile_seconds")}
+           "compile_seconds": r.get("compile_seconds"),
+           # the compiler's own peak (arguments + live temporaries); its out-of-HBM check is against this figure
+           "peak_bytes": r.get("peak_bytes") or (r["oom"].get("used_bytes") if "oom" in r else None)}
     if "oom" in r:
         out["compiler_error"] = r["oom"]["message"]
     return out
