@@ -240,11 +240,13 @@ def test_data_order_is_exact_after_resume_and_hosts_read_their_slice(qwen, tmp_p
     for b in straight:
         assert b["ctx"].shape[1] % 8 == 0 or b["ctx"].shape[1] == a.longest
         np.testing.assert_array_equal(b["mask"].sum(1), lens[b["prompt"]])
-    # two hosts: each reads its half of the same global batch
+    # two hosts: each reads its half of the same global batch, padded to the global batch's length (every host
+    # must build the same shapes), so the halves put together are the one-process batch
     h = [loader.CacheBatches(text_folder, **kw, process_index=i, process_count=2) for i in range(2)]
-    for s in range(4):
-        halves = [x.batch("critic", s)["prompt"] for x in h]
-        np.testing.assert_array_equal(np.concatenate(halves), straight[s]["prompt"])
+    for s in range(len(straight)):
+        halves = [x.batch("critic", s) for x in h]
+        for k, v in straight[s].items():
+            np.testing.assert_array_equal(np.concatenate([half[k] for half in halves]), v)
 
 
 @pytest.mark.slow
@@ -270,6 +272,28 @@ def test_z_image_captions_are_never_padded(tmp_path):
             assert row.shape == alone[p].shape  # the negative ("") is shorter than every prompt here
             np.testing.assert_allclose(row, alone[p], atol=1e-5)
         assert x["mask"].all() and x["neg_ctx"].shape == x["ctx"].shape
+
+
+def test_hosts_build_the_global_batch_shapes_when_negatives_differ(qwen, tmp_path):
+    """A batch is padded to the longest prompt or negative of the whole global batch, not of one host's rows: with
+    per-record negatives of very different lengths, host halves put together equal the one-process batch."""
+    folder, pipe = qwen
+    load, _ = _loader_of(pipe)
+    records = [{"prompt": p, "negative_prompt": "blurry, low quality, " * (3 * (i % 3))} for i, p in enumerate(PROMPTS)]
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = _cfg(folder, f, cache_bucket=8)
+    text_folder = build.ensure(cfg, tmp_path / "c", ("text",), load_pipe=load)["text"]
+    kw = dict(batch_size=2, seed=1, bucket=8)
+    one = loader.CacheBatches(text_folder, **kw)
+    hosts = [loader.CacheBatches(text_folder, **kw, process_index=i, process_count=2) for i in range(2)]
+    neg_lens = TextRecords(text_folder).negatives.lengths
+    assert len(set(neg_lens.tolist())) > 1, "negatives of different lengths are the point of the test"
+    for step in range(2 * one.batches_per_epoch):
+        want = one.batch("generator", step)
+        halves = [h.batch("generator", step) for h in hosts]
+        for k, v in want.items():
+            np.testing.assert_array_equal(np.concatenate([half[k] for half in halves]), v)
 
 
 @pytest.mark.slow

@@ -133,8 +133,9 @@ def build_text(cfg, folder: Path, fields: dict, pipe, *, progress=print) -> dict
 
     progress(f"text cache: {len(src.prompts)} prompts from {cfg.data.prompts} ({src.skipped_blank} blank and "
              f"{src.skipped_duplicate} repeated lines skipped), {len(negs)} negative prompt(s)")
-    return store.build(folder, "text", fields, {"prompt": _shards(len(src.prompts), size), "negative": 1}, make,
-                       progress=progress, desc="encoding prompts")
+    # both tables in shards of `size` records (`make` encodes records [i * size, (i + 1) * size) of shard i)
+    shards = {"prompt": _shards(len(src.prompts), size), "negative": _shards(len(negs), size)}
+    return store.build(folder, "text", fields, shards, make, progress=progress, desc="encoding prompts")
 
 
 def latent_layout(pipe, z_nchw):

@@ -114,18 +114,25 @@ class CacheBatches:
         return recs[rng.choice(idx) if idx is not None else rng.integers(len(recs))]
 
     def batch(self, stream: str, step: int) -> dict[str, np.ndarray]:
-        ids = self.global_ids(stream, step)
+        """This host's rows of the global batch. Everything that shapes or draws the batch is decided from the
+        global batch (its padded length from the records' lengths; one random stream per global row for the
+        reals), so every host builds the same shapes and the rows equal a one-process run's."""
+        all_ids = self.global_ids(stream, step)
         k = self.batch_size // self.hosts
-        ids = ids[self.host * k:(self.host + 1) * k]
+        lo = self.host * k
+        ids = all_ids[lo:lo + k]
+        lens = self.text.prompts.lengths[all_ids]
+        neg_lens = self.text.negatives.lengths[self.text.neg[all_ids]]
+        n = int(max(self._round(lens).max(), self._round(neg_lens).max()))
         rows = [self._emb[int(p)] for p in ids]
         negs = [np.asarray(self.text.negative_of(int(p)), np.float32) for p in ids]
-        n = int(max(self._round([len(r) for r in rows]).max(), self._round([len(r) for r in negs]).max()))
         out = {"prompt": ids.astype(np.int64)}
         out["ctx"], out["mask"] = self._pad(rows, n)
         out["neg_ctx"], out["neg_mask"] = self._pad(negs, n)
         if self.pools:
-            rng = np.random.default_rng([self.seed, zlib.crc32(stream.encode()), int(step), 1, self.host])
-            out["real"] = np.stack([np.asarray(self._real(rng, int(p)), np.float32) for p in ids])
+            out["real"] = np.stack([np.asarray(self._real(np.random.default_rng(
+                [self.seed, zlib.crc32(stream.encode()), int(step), 1, lo + i]), int(p)), np.float32)
+                for i, p in enumerate(ids)])
         return out
 
 
