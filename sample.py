@@ -532,6 +532,8 @@ def main(argv=None) -> int:
         check_lora_file(path, family, "--lora-step")
     step_blocks = parse_blocks_steps(args.blocks_step, steps) if args.blocks_step else []
     multi = join_processes(args)  # before any JAX computation (a no-op for one process)
+    from turbojax.utils import release_host_memory_early
+    release_host_memory_early()
     noise = None
     if args.noise is not None:
         raw = load_noise(args.noise)

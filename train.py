@@ -82,6 +82,8 @@ def main(argv: list[str]) -> int:
     # Multi-host: join the other processes before any JAX computation (a no-op for one process)
     from turbojax import distributed
     distributed.initialize(distributed.settings(cfg.get("distributed")), where="--config.distributed")
+    from turbojax.utils import release_host_memory_early
+    release_host_memory_early()  # the base loads tensor by tensor: keep the host peak near model/N + one part
     if cfg.get("method") in DISTILL_METHODS:
         return distill(cfg, workdir)
 
@@ -322,7 +324,7 @@ def distill(cfg, workdir: Path) -> int:
         del pipe  # the text encoder and the VAE leave memory: training holds the transformer only
     elif cfg.data.kind == "cache":  # the same inputs from on-disk caches (turbojax.cache), built first if missing
         from turbojax.cache import training_data
-        batches, base, latent_shape, cap_len = training_data(cfg, workdir, progress=say)
+        batches, base, latent_shape, cap_len = training_data(cfg, workdir, progress=say, mesh=mesh)
     else:
         raise UserError(f"--config.data.kind must be 'digits', 'prompts' or 'cache', got {cfg.data.kind!r}")
     # Multi-host: this host reads only its rows of every global batch (those its devices hold on the mesh)

@@ -18,16 +18,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-
-def _return_freed_buffers_to_os() -> None:
-    """glibc serves mid-sized buffers from the heap once big ones were freed (dynamic mmap threshold), so a
-    tensor-by-tensor conversion would keep the freed memory of earlier tensors. A fixed 1 MiB threshold makes every
-    tensor buffer its own mapping, returned on free. Process-wide, hence done here in the CLI and not the library."""
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune
+from turbojax.utils import return_freed_buffers_to_os
 
 
 @contextmanager
@@ -126,7 +117,7 @@ def main(argv=None) -> int:
         s.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    _return_freed_buffers_to_os()
+    return_freed_buffers_to_os()  # host memory near one tensor (see its docstring)
     from turbojax.convert.atomic import DestinationExists
     try:
         problem = _check_paths(args)

@@ -105,7 +105,9 @@ class _ShardedStep:
             fn = self._jitted[sig] = jax.jit(
                 self.step, in_shardings=(sh.state, sh.frozen, bsh, sh.replicated),
                 out_shardings=(sh.state, sh.replicated), donate_argnums=self.donate_argnums)
-        return fn(state, frozen, jax.device_put(batch, bsh), key)
+        # traced under the mesh: the models' activation constraints and splash attention's shard_map need it
+        with jax.set_mesh(sh.mesh):
+            return fn(state, frozen, jax.device_put(batch, bsh), key)
 
 
 def turn_key(seed: int, iteration: int, turn_index: int) -> jax.Array:
