@@ -405,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", help=".npy/.npz initial latents for all images: the pipeline's layout or the "
                                    "unpacked [N, 16, H/8, W/8] / [N, 16, 1, H/8, W/8]")
     p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--mesh", help="shard the pipeline over this process's devices, e.g. fsdp=-1 or "
+                   "data=2,fsdp=2,tensor=2: weights by their logical axes, each batch over data x fsdp")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     p.add_argument("--tiled-decode", action="store_true", help="decode in overlapping tiles (large images)")
     p.add_argument("--out", help=".png/.jpg/.webp (one image or a grid), .npz, or a folder (digits demo default: "
@@ -455,6 +457,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.model is None and args.lora_step:
         fail("--lora-step needs --model (a pipeline folder)")
+    if args.model is None and args.mesh is not None:
+        fail("--mesh needs --model (a pipeline folder); the digits demo runs on one device")
     if args.model is None and args.blocks_step:
         fail("--blocks-step needs --model (a pipeline folder); a digits student folder loads with --student")
     if args.blocks_step and args.arcflow is not None:
@@ -532,6 +536,16 @@ def main(argv=None) -> int:
         check_lora_file(path, family, "--lora-step")
     step_blocks = parse_blocks_steps(args.blocks_step, steps) if args.blocks_step else []
     multi = join_processes(args)  # before any JAX computation (a no-op for one process)
+    mesh_sizes = None
+    if args.mesh is not None:
+        from turbojax.sharding import parse_mesh_sizes
+        try:
+            mesh_sizes = parse_mesh_sizes(args.mesh)
+        except ValueError as e:
+            fail(f"--mesh {e}")
+        if multi:
+            fail("--mesh: with several processes each one samples its own batches on its own devices; "
+                 "leave --mesh out (a mesh across hosts is for train.py)")
     from turbojax.utils import release_host_memory_early
     release_host_memory_early()
     noise = None
@@ -545,8 +559,19 @@ def main(argv=None) -> int:
     from turbojax.pipelines import from_diffusers
     from turbojax.utils import progress_bar
     from turbojax.distill.arcflow_heads import ArcFlowFormatError
+    mesh = None
+    if mesh_sizes is not None:
+        from turbojax.sharding import make_mesh
+        try:
+            mesh = make_mesh(**mesh_sizes, devices=jax.local_devices())
+        except ValueError as e:
+            fail(f"--mesh {args.mesh!r}: {e}")
+        n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
+        if args.batch_size % n_batch:
+            fail(f"--batch-size {args.batch_size}: the mesh splits each batch over data x fsdp = {n_batch} "
+                 "devices; give a multiple of it")
     try:
-        pipe = from_diffusers(model, loras=loras, dtype=jnp.dtype(args.dtype), arcflow=args.arcflow)
+        pipe = from_diffusers(model, loras=loras, dtype=jnp.dtype(args.dtype), arcflow=args.arcflow, mesh=mesh)
         if step_loras or step_blocks:
             from turbojax.distill.turbopp import per_step_pipeline
             pipe = per_step_pipeline(pipe, step_loras, step_blocks)

@@ -58,3 +58,22 @@ def test_batch_placement(folders):
     assert y.sharding.is_fully_replicated
     caps = pipe._place_batch([np.zeros((4, 8), np.float32), np.zeros((8, 8), np.float32)])
     assert all(c.sharding.is_fully_replicated for c in caps)
+
+
+def test_sample_py_mesh_flag(folders, tmp_path):
+    """`sample.py --mesh` samples on this process's devices and writes the same images as without it; a bad mesh
+    or a batch it cannot split is one error line."""
+    import sample
+    common = ["--model", str(folders["qwen"]), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--steps", "2",
+              "--width", "64", "--height", "64", "--batch-size", "2", "--dtype", "float32"]
+    assert sample.main(common + ["--out", str(tmp_path / "plain.npz")]) == 0
+    assert sample.main(common + ["--mesh", "data=2,fsdp=1,tensor=4", "--out", str(tmp_path / "mesh.npz")]) == 0
+    a, b = np.load(tmp_path / "plain.npz"), np.load(tmp_path / "mesh.npz")
+    key = sorted(a.files)[0]
+    assert np.abs(a[key].astype(int) - b[key].astype(int)).max() <= 1
+    for flags, needle in ((["--mesh", "data=2,model=4"], "--mesh"), (["--mesh", "data=3"], "--mesh"),
+                          (["--mesh", "fsdp=8", "--batch-size", "2"], "--batch-size 2")):
+        with pytest.raises(SystemExit) as e:
+            sample.main(common[:-2] + flags + ["--out", str(tmp_path / "x.png")])
+        msg = str(e.value.code)
+        assert msg.startswith("error: ") and "\n" not in msg and needle in msg, msg

@@ -48,6 +48,30 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence 
     return Mesh(np.array(devices).reshape(sizes), MESH_AXES)
 
 
+def parse_mesh_sizes(text: str) -> dict[str, int]:
+    """"data=1,fsdp=-1,tensor=1" -> {"data": 1, "fsdp": -1, "tensor": 1} (the command lines' `--mesh`): axes not
+    named are 1, except that fsdp takes the remaining devices (-1) when no axis does; ValueError naming the part."""
+    sizes = {a: 1 for a in MESH_AXES}
+    named = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, val = part.partition("=")
+        key = key.strip()
+        if not eq or key not in sizes or key in named:
+            raise ValueError(f"{text!r}: expected data=N,fsdp=N,tensor=N (each axis at most once)")
+        try:
+            sizes[key] = int(val)
+        except ValueError:
+            raise ValueError(f"{text!r}: {key}={val.strip()!r} is not an integer") from None
+        if sizes[key] == 0 or sizes[key] < -1:
+            raise ValueError(f"{text!r}: {key} must be >= 1 or -1 (the remaining devices)")
+        named.add(key)
+    if list(sizes.values()).count(-1) > 1:
+        raise ValueError(f"{text!r}: at most one axis may be -1")
+    if "fsdp" not in named and -1 not in sizes.values():
+        sizes["fsdp"] = -1
+    return sizes
+
+
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=DEFAULT_RULES
                     ) -> PartitionSpec:
     """PartitionSpec for an array with the given logical axes (leading unnamed dims are `layers`)."""
