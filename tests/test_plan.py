@@ -126,3 +126,27 @@ def test_scanned_taps_match_the_loop_with_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(g_s, g_l, rtol=1e-4, atol=1e-5)
     assert float(jnp.abs(g_s).max()) > 0
+
+
+def test_lora_factors_an_fsdp_mesh_leaves_whole_get_their_rank_split():
+    """On an fsdp-only mesh the `b` of a heads/mlp kernel (and the `a` of an mlp-input kernel) had no axis: at 20B
+    half the LoRA state was replicated on every chip. Their rank dim now goes over fsdp when it divides."""
+    from jax.sharding import PartitionSpec as P
+
+    from turbojax.distill import sharded
+    _, state = nnx.split(models.create("qwen_image_tiny", seed=0))
+
+    def factors(r):
+        sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
+        return {"student": {"transformer_blocks.attn.to_q": {"a": sds(2, 32, r), "b": sds(2, r, 32)},
+                            "transformer_blocks.img_mlp.fc2": {"a": sds(2, 128, r), "b": sds(2, r, 32)}}}
+    sh = sharded.trainable_shardings(factors(8), state, make_mesh(1, 8, 1))["student"]
+    assert sh["transformer_blocks.attn.to_q"]["a"].spec == P(None, "fsdp", None)  # like the kernel's in-dim
+    assert sh["transformer_blocks.attn.to_q"]["b"].spec == P(None, "fsdp", None)  # heads: no axis -> rank
+    assert sh["transformer_blocks.img_mlp.fc2"]["a"].spec == P(None, None, "fsdp")  # mlp: no axis -> rank
+    assert sh["transformer_blocks.img_mlp.fc2"]["b"].spec == P(None, None, "fsdp")
+    odd = sharded.trainable_shardings(factors(4), state, make_mesh(1, 8, 1))["student"]  # 4 % 8: stays whole
+    assert odd["transformer_blocks.attn.to_q"]["b"].spec == P(None, None, None)
+    # with tensor > 1 the kernel's own axes apply, as before
+    tp = sharded.trainable_shardings(factors(8), state, make_mesh(1, 4, 2))["student"]
+    assert tp["transformer_blocks.attn.to_q"]["b"].spec == P(None, None, "tensor")
