@@ -99,6 +99,16 @@ def _with_sharding(tree, shardings):
     return jax.tree.map(one, tree, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def _materialise_small(model, max_elements: int = 1 << 26) -> None:
+    """Zeros in place of the abstract values of the model's small variables (everything but the block stacks), for
+    methods that read base values while they are built (ArcFlow copies the output layer into its heads); the
+    compile sees shapes only, so the values do not matter."""
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Variable) and isinstance(node.get_value(), jax.ShapeDtypeStruct) \
+                and int(np.prod(node.shape)) <= max_elements:
+            node.set_value(np.zeros(node.shape, node.dtype))
+
+
 def latent_and_text(model_config, resolution: int):
     """One sample's latent in the model layout and the text width, for a square image of `resolution` pixels."""
     if resolution % 16:
@@ -133,6 +143,8 @@ def build(cfg, preset: str, mesh, *, resolution: int, batch_per_chip: int, text_
     base = models.abstract_model(fam, mcfg, param_dtype=jnp.dtype(cfg.param_dtype), dtype=dtype,
                                  scan_layers=cfg.scan_layers,
                                  remat=cfg.remat, attention_impl=attention)
+    if cfg.method == "arcflow":  # its heads start from the base's output layer values: give the small layers zeros
+        _materialise_small(base)
     latent_shape, text_dim = latent_and_text(mcfg, resolution)
     n_dp = mesh.shape["data"] * mesh.shape["fsdp"]
     global_batch = batch_per_chip * n_dp
