@@ -150,3 +150,13 @@ def test_lora_factors_an_fsdp_mesh_leaves_whole_get_their_rank_split():
     # with tensor > 1 the kernel's own axes apply, as before
     tp = sharded.trainable_shardings(factors(8), state, make_mesh(1, 4, 2))["student"]
     assert tp["transformer_blocks.attn.to_q"]["b"].spec == P(None, None, "tensor")
+
+
+@pytest.mark.slow  # 2 step compiles + 4 small unrolled ones
+def test_plan_flops_corrected_for_the_scan(tmp_path):
+    """`--flops layers` counts every scanned layer (cost analysis counts a scan body once): above the raw figure."""
+    raw, fixed = tmp_path / "raw.json", tmp_path / "layers.json"
+    assert cli.main(TINY + ["--steps", "critic", "--json", str(raw)]) == 0
+    assert cli.main(TINY[:-2] + ["--flops", "layers", "--steps", "critic", "--json", str(fixed)]) == 0
+    r, f = (json.loads(p.read_text())["steps"]["critic"] for p in (raw, fixed))
+    assert "layers" in f["flops_method"] and f["flops_per_device"] > 1.2 * r["flops_per_device"]
