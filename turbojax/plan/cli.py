@@ -41,6 +41,17 @@ def _int(flags, name: str, minimum: int = 1) -> int:
 
 
 def main(argv: list[str]) -> int:
+    import jax
+    # compile-only TPU executables cannot be read back from the persistent cache (no client): keep them out of it
+    cache = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        return _main(argv)
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cache)
+
+
+def _main(argv: list[str]) -> int:
     cfg, flags = config_lib.parse_args(argv, default_config=ROOT / "configs" / "qwen_image_dmd2_gan.py", flags=FLAGS,
                                        search_dirs=[ROOT], prog="python -m turbojax.plan")
     config_lib.validate(cfg)
