@@ -21,6 +21,12 @@ _CACHE = Path(__file__).resolve().parent.parent / ".jax_cache"
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# The full suite crashed twice (abort, then segfault) inside the cache's executable write
+# (compilation_cache.put_executable_and_time) late in the run, after the tests that load libtpu in-process for
+# compile-only TPU topologies; each test passes alone. Until the cause is found, the test process itself does not
+# write to the persistent cache (TURBOJAX_TEST_CACHE=1 turns it back on).
+if os.environ.get("TURBOJAX_TEST_CACHE") != "1":
+    jax.config.update("jax_enable_compilation_cache", False)
 
 
 def pytest_configure(config):
