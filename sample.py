@@ -438,19 +438,9 @@ def join_processes(args) -> bool:
                              process_id=args.process_id, local_device_ids=args.local_device_ids,
                              auto=args.distributed_auto, timeout_s=args.distributed_timeout)
     try:
-        distributed.initialize(s, where="--distributed")
-    except UserError as e:  # name our flags, not the config keys
-        msg = str(e)
-        for key, flag in (("--distributed.coordinator_address", "--coordinator-address"),
-                          ("--distributed.num_processes", "--num-processes"),
-                          ("--distributed.process_id", "--process-id"),
-                          ("--distributed.local_device_ids", "--local-device-ids"),
-                          ("--distributed.timeout_s", "--distributed-timeout"),
-                          ("--distributed.auto", "--distributed-auto")):
-            msg = msg.replace(key, flag)
-        fail(msg.replace("--distributed:", "--distributed-auto:"))
-    import jax
-    return jax.process_count() > 1
+        return distributed.initialize_from_flags(s)
+    except UserError as e:
+        fail(str(e))
 
 
 def main(argv=None) -> int:
@@ -536,16 +526,9 @@ def main(argv=None) -> int:
         check_lora_file(path, family, "--lora-step")
     step_blocks = parse_blocks_steps(args.blocks_step, steps) if args.blocks_step else []
     multi = join_processes(args)  # before any JAX computation (a no-op for one process)
-    mesh_sizes = None
-    if args.mesh is not None:
-        from turbojax.sharding import parse_mesh_sizes
-        try:
-            mesh_sizes = parse_mesh_sizes(args.mesh)
-        except ValueError as e:
-            fail(f"--mesh {e}")
-        if multi:
-            fail("--mesh: with several processes each one samples its own batches on its own devices; "
-                 "leave --mesh out (a mesh across hosts is for train.py)")
+    if args.mesh is not None and multi:
+        fail("--mesh: with several processes each one samples its own batches on its own devices; "
+             "leave --mesh out (a mesh across hosts is for train.py)")
     from turbojax.utils import release_host_memory_early
     release_host_memory_early()
     noise = None
@@ -560,12 +543,12 @@ def main(argv=None) -> int:
     from turbojax.utils import progress_bar
     from turbojax.distill.arcflow_heads import ArcFlowFormatError
     mesh = None
-    if mesh_sizes is not None:
-        from turbojax.sharding import make_mesh
+    if args.mesh is not None:
+        from turbojax.sharding import make_mesh, parse_mesh_sizes
         try:
-            mesh = make_mesh(**mesh_sizes, devices=jax.local_devices())
+            mesh = make_mesh(**parse_mesh_sizes(args.mesh), devices=jax.local_devices())
         except ValueError as e:
-            fail(f"--mesh {args.mesh!r}: {e}")
+            fail(f"--mesh {e}")
         n_batch = mesh.shape["data"] * mesh.shape["fsdp"]
         if args.batch_size % n_batch:
             fail(f"--batch-size {args.batch_size}: the mesh splits each batch over data x fsdp = {n_batch} "

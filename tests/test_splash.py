@@ -173,17 +173,13 @@ def test_qwen_image_model_splash_matches_xla():
 
     from turbojax.models.qwen_image import QWEN_IMAGE_TINY, QwenImageTransformer
 
-    rng = np.random.default_rng(7)
-    b, hh, ww, l = 2, 4, 6, 7
-    mask = np.ones((b, l), np.float32)
-    mask[1, 4:] = 0
-    inputs = dict(hidden_states=rng.standard_normal((b, hh * ww, 16)).astype(np.float32),
-                  encoder_hidden_states=rng.standard_normal((b, l, 24)).astype(np.float32),
-                  encoder_hidden_states_mask=mask, timestep=np.array([0.3, 0.9], np.float32))
+    from refs import qwen_inputs
+    inputs = qwen_inputs(np.random.default_rng(7))  # text padded from token 4 in sample 1
+    img_shapes = inputs.pop("img_shapes")
 
     def run(impl):  # jitted: one compilation instead of one per eager op
         graphdef, state = nnx.split(QwenImageTransformer(QWEN_IMAGE_TINY, rngs=nnx.Rngs(0), attention_impl=impl))
-        fwd = jax.jit(lambda st, kw: nnx.merge(graphdef, st)(**kw, img_shapes=[[(1, hh, ww)]] * b))
+        fwd = jax.jit(lambda st, kw: nnx.merge(graphdef, st)(**kw, img_shapes=img_shapes))
         return np.asarray(fwd(state, inputs))
 
     outs = {impl: run(impl) for impl in ("xla", "splash")}

@@ -193,6 +193,26 @@ def initialize(s: Settings, *, where: str = "--config.distributed") -> bool:
     return True
 
 
+# sample.py's flags for the Settings fields (its errors name the flags, not config keys)
+SAMPLE_FLAGS = {"coordinator_address": "--coordinator-address", "num_processes": "--num-processes",
+                "process_id": "--process-id", "local_device_ids": "--local-device-ids",
+                "timeout_s": "--distributed-timeout", "auto": "--distributed-auto"}
+
+
+def initialize_from_flags(s: Settings, flags: Mapping[str, str] = SAMPLE_FLAGS) -> bool:
+    """`initialize` for a command line whose flags are `flags[field]`: a UserError names the flag; True when
+    several processes run."""
+    try:
+        initialize(s, where="--distributed")
+    except UserError as e:
+        msg = str(e)
+        for key, flag in flags.items():
+            msg = msg.replace(f"--distributed.{key}", flag)
+        raise UserError(msg.replace("--distributed:", f"{flags['auto']}:")) from None
+    import jax
+    return jax.process_count() > 1
+
+
 def is_primary() -> bool:
     import jax
     return jax.process_index() == 0

@@ -57,25 +57,12 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
 
 
 def parse_mesh(text: str) -> dict[str, int]:
-    """"data=1,fsdp=-1,tensor=1" -> sizes (axes not named are 1; one -1 takes the remaining devices)."""
-    sizes = {"data": 1, "fsdp": 1, "tensor": 1}
-    named = set()
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, eq, val = part.partition("=")
-        if not eq or key not in sizes or key in named:
-            raise PlanError(f"--mesh {text!r}: expected data=N,fsdp=N,tensor=N (each at most once, -1 once)")
-        try:
-            sizes[key] = int(val)
-        except ValueError:
-            raise PlanError(f"--mesh {text!r}: {key}={val!r} is not an integer") from None
-        if sizes[key] == 0 or sizes[key] < -1:
-            raise PlanError(f"--mesh {text!r}: {key} must be >= 1 or -1")
-        named.add(key)
-    if "fsdp" not in named and -1 not in sizes.values():
-        sizes["fsdp"] = -1
-    if list(sizes.values()).count(-1) > 1:
-        raise PlanError(f"--mesh {text!r}: at most one axis may be -1")
-    return sizes
+    """`--mesh data=1,fsdp=-1,tensor=1` -> sizes (`turbojax.sharding.parse_mesh_sizes`, errors as PlanError)."""
+    from turbojax.sharding import parse_mesh_sizes
+    try:
+        return parse_mesh_sizes(text)
+    except ValueError as e:
+        raise PlanError(f"--mesh {e}") from None
 
 
 def build_mesh(devices: list, sizes: dict[str, int], num_slices: int = 1) -> Mesh:
