@@ -26,15 +26,15 @@ import importlib.util
 import json
 import math
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from turbojax import noise_files
+
 DEFAULT_CONFIGS = {"qwen_image": "configs/sample_qwen_image_base.py", "z_image": "configs/sample_z_image_turbo.py"}
 REPO = Path(__file__).resolve().parent
 SEED_LIMIT = 2 ** 32  # jax.random.key takes a uint32 seed; image i uses seed + i
-VAE_SCALE = 8
 
 
 def fail(msg: str):
@@ -296,82 +296,21 @@ def read_prompts(args) -> list[str]:
     return [p for p in prompts for _ in range(args.num_images)]
 
 
-# ---- --noise ----
+# ---- --noise (turbojax.noise_files; its errors become one `error:` line) ----
 
 def load_noise(spec: str) -> np.ndarray:
-    path = Path(spec)
-    if not path.is_file():
-        fail(f"--noise {spec}: file not found" + (" (it is a folder)" if path.is_dir() else ""))
-    if path.suffix.lower() not in (".npy", ".npz"):
-        fail(f"--noise {spec}: expected a .npy or .npz file of initial latents")
     try:
-        data = np.load(path, allow_pickle=False)
-        if hasattr(data, "files"):  # an .npz archive (NpzFile)
-            with data:
-                names = list(data.files)
-                pick = [n for n in ("noise", "latents") if n in names] or (names if len(names) == 1 else [])
-                if not pick:
-                    fail(f"--noise {spec}: the .npz holds {names or 'no arrays'}; expected one array, or one "
-                         "named 'noise' or 'latents'")
-                data = data[pick[0]]
-    except SystemExit:
-        raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
-        fail(f"--noise {spec}: not a readable numpy array file ({e})")
-    if not isinstance(data, np.ndarray) or data.dtype.kind != "f":
-        fail(f"--noise {spec}: expected a float array of latents, got dtype {getattr(data, 'dtype', type(data))}")
-    if data.ndim == 0 or data.size == 0:
-        fail(f"--noise {spec}: expected an array of latents, got shape {data.shape}")
-    if not np.isfinite(data).all():
-        fail(f"--noise {spec}: holds NaN or Inf values")
-    return data.astype(np.float32)
+        return noise_files.load(spec)
+    except noise_files.NoiseFileError as e:
+        fail(str(e))
 
 
 def fit_noise(data: np.ndarray, spec: str, family: str, count: int, height: int, width: int,
               channels: int | None) -> np.ndarray:
-    """`data` in the pipeline's layout for `count` images of `height x width` with `channels` latent channels
-    (None: not known yet, any). Unpacked inputs are packed for Qwen-Image exactly as `QwenImagePipeline` packs its
-    `[B, 1, C, h, w]` noise; a frame axis of 1 is dropped for Z-Image (`ZImagePipeline` latents are `[B, C, h, w]`)."""
-    h, w = height // VAE_SCALE, width // VAE_SCALE
-    c = channels or "C"
-    shapes = [(count, c, h, w), (count, c, 1, h, w), (count, 1, c, h, w)]
-    listed = " / ".join(str(s).replace("'", "") for s in shapes)
-    if family == "qwen_image":
-        packed = str((count, (h // 2) * (w // 2), "4C" if channels is None else 4 * channels)).replace("'", "")
-        listed = f"packed {packed} or unpacked {listed}"
-    why = (f"--noise {spec}: array of shape {tuple(data.shape)} does not fit {count} image(s) of {width}x{height}; "
-           f"expected {listed}" + ("" if channels else " (C = latent channels)"))
-    x = data
-    if x.ndim == 5:
-        if x.shape[2] == 1:
-            x = x[:, :, 0]
-        elif x.shape[1] == 1:
-            x = x[:, 0]
-        else:
-            fail(why)
-    ok_c = lambda v: channels is None or v == channels  # noqa: E731
-    if x.ndim == 4 and x.shape[0] == count and x.shape[2:] == (h, w) and ok_c(x.shape[1]):
-        if family == "qwen_image":
-            from turbojax.sampling import pack_latents
-            return np.asarray(pack_latents(x), np.float32)
-        return x
-    if (family == "qwen_image" and data.ndim == 3 and data.shape[:2] == (count, (h // 2) * (w // 2))
-            and data.shape[2] % 4 == 0 and ok_c(data.shape[2] // 4)):
-        return data
-    fail(why)
-
-
-def latent_channels(model: Path, family: str) -> int | None:
-    """Latent channels from the pipeline folder's JSON configs (cheap); None when not readable (e.g. a turbojax
-    export), then the check waits for the loaded pipeline."""
-    comp, key = ("transformer", "in_channels") if family == "qwen_image" else ("vae", "latent_channels")
     try:
-        v = json.loads((model / comp / "config.json").read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        return None
-    return v // 4 if family == "qwen_image" else v
+        return noise_files.fit(data, spec, family, count, height, width, channels)
+    except noise_files.NoiseFileError as e:
+        fail(str(e))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -486,7 +425,7 @@ def main(argv=None) -> int:
     if args.arcflow is not None:
         if args.lora_step:
             fail("--arcflow and --lora-step do not combine (an ArcFlow student has one trunk LoRA and its heads)")
-        arcflow = read_arcflow(args.arcflow, family, latent_channels(model, family))
+        arcflow = read_arcflow(args.arcflow, family, noise_files.latent_channels(model, family))
         if args.guidance is not None and (args.guidance > 1.0 if family == "qwen_image" else args.guidance > 0.0):
             fail(f"--guidance {args.guidance}: an ArcFlow student samples without CFG (it learnt the teacher's "
                  "guided velocity); leave --guidance out")
@@ -534,7 +473,8 @@ def main(argv=None) -> int:
     noise = None
     if args.noise is not None:
         raw = load_noise(args.noise)
-        noise = fit_noise(raw, args.noise, family, len(prompts), height, width, latent_channels(model, family))
+        channels = noise_files.latent_channels(model, family)
+        noise = fit_noise(raw, args.noise, family, len(prompts), height, width, channels)
 
     import jax
     import jax.numpy as jnp
