@@ -160,3 +160,83 @@ def test_plan_flops_corrected_for_the_scan(tmp_path):
     assert cli.main(TINY[:-2] + ["--flops", "layers", "--steps", "critic", "--json", str(fixed)]) == 0
     r, f = (json.loads(p.read_text())["steps"]["critic"] for p in (raw, fixed))
     assert "layers" in f["flops_method"] and f["flops_per_device"] > 1.2 * r["flops_per_device"]
+
+
+# ---- the DINOv2 discriminator (gan.features dino): frozen DINOv2 + VAE decoder built abstractly, shared assembly ----
+
+DINO = ["--config.gan.features", "dino", "--dino", "dinov2-tiny", "--config.gan.dino_size", "16"]
+
+
+@pytest.mark.slow  # one XLA:TPU compile: the generator turn, which decodes the student's samples with gradients
+def test_plan_dino_gan_compiles_and_reports(tmp_path, capsys):
+    out = tmp_path / "dino.json"
+    assert cli.main(TINY + DINO + ["--steps", "generator", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["gan_features"] == "dino"
+    d = data["dino_gan"]
+    assert d["dino"] == "dinov2-tiny" and d["vae"] == "qwen_image_vae_tiny" and d["dino_layers"] == [0, 1, 2]
+    assert d["dino_size"] == [16, 16] and d["image_hw"] == [64, 64] and d["vae_dtype"] == "float32"
+    assert d["dino_params"] > 0 and d["vae_decoder_params"] > 0
+    s = data["steps"]["generator"]
+    assert KEYS <= set(s) and s["fits"] is True and s["temp_bytes"] > 0
+    assert s["total_bytes"] == s["argument_bytes"] + s["output_bytes"] + s["temp_bytes"] - s["alias_bytes"]
+    assert "DINO GAN on: dinov2-tiny" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config,model,vae", [
+    ("configs/qwen_image_dmd2_gan.py", "qwen_image_tiny", "qwen_image_vae_tiny"),
+    ("configs/z_image_turbopp.py", "z_image_tiny", "flux_vae_tiny")])
+def test_plan_dino_frozen_states_are_sharded_like_the_real_run(config, model, vae):
+    """No compile: the frozen argument is the base + DINO + VAE-decoder states (nets.FrozenArrays), each variable
+    with the sharding `sharded.frozen_shardings` gives it in train.py; the heads are trainables."""
+    from turbojax.distill import sharded
+    from turbojax.distill.nets import FrozenArrays
+    from turbojax.plan import build as build_lib
+    from turbojax.plan.topology import build_mesh, parse_mesh, topology_devices
+    from turbojax.training import config as config_lib
+    cfg = config_lib.load_config(config)
+    cfg.gan.features = "dino"
+    mesh = build_mesh(topology_devices("v5e:2x2", 1), parse_mesh("data=1,fsdp=-1,tensor=1"), 1)
+    setup = build_lib.build(cfg, model, mesh, resolution=64, batch_per_chip=1, text_len=16, attention="xla",
+                            dino="dinov2_with_registers_tiny")
+    assert setup.dino["dino"] == "dinov2-with-registers-tiny" and setup.dino["vae"] == vae
+    state, frozen = setup.steps[0].args[:2]
+    assert isinstance(frozen, FrozenArrays) and "disc" in state["params"]
+    want = jax.tree.leaves(sharded.frozen_shardings(frozen, mesh))  # what train.py puts them with
+    assert [x.sharding for x in jax.tree.leaves(frozen)] == want
+    assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(frozen.dino))  # DINO's matrices are split
+    # the DINO in the config dtype, the VAE decoder in fp32 (dino_disc.load); the encoder is not kept
+    assert {x.dtype for x in jax.tree.leaves(frozen.dino)} == {jnp.dtype(cfg.dtype)}
+    assert {x.dtype for x in jax.tree.leaves(frozen.vae)} == {jnp.dtype(jnp.float32)}
+
+
+def test_plan_dino_reads_an_existing_gan_dino_folder(tmp_path):
+    """Without --dino the config of an existing gan.dino folder decides (config.json alone: no weights are read)."""
+    from turbojax.plan import build as build_lib
+    from turbojax.plan.topology import build_mesh, parse_mesh, topology_devices
+    from turbojax.training import config as config_lib
+    folder = tmp_path / "dinov2-with-registers-mini"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["Dinov2WithRegistersModel"], "model_type": "dinov2_with_registers", "hidden_size": 16,
+        "num_hidden_layers": 4, "num_attention_heads": 2, "patch_size": 4, "image_size": 16,
+        "num_register_tokens": 2}))
+    cfg = config_lib.load_config("configs/qwen_image_dmd2_gan.py")
+    cfg.gan.features, cfg.gan.dino, cfg.gan.dino_size, cfg.gan.dino_layers = "dino", str(folder), 16, (1, 3)
+    mesh = build_mesh(topology_devices("v5e:2x2", 1), parse_mesh("data=1,fsdp=-1,tensor=1"), 1)
+    setup = build_lib.build(cfg, "qwen_image_tiny", mesh, resolution=64, batch_per_chip=1, text_len=16,
+                            attention="xla")
+    assert setup.dino["dino"].startswith("dinov2-with-registers-mini (dinov2_with_registers")
+    assert setup.dino["dino_layers"] == [1, 3]
+
+
+def test_plan_dino_mistakes_are_one_error_line(capsys):
+    cases = [(DINO[:2] + ["--dino", "dinov2-huge"], "error: --dino 'dinov2-huge': not a DINOv2 preset"),
+             (["--dino", "dinov2-small"], "error: --dino dinov2-small: the config's GAN does not read DINO features"),
+             (DINO[:2] + ["--config.gan.dino", "/no/such/dinov2"], "error: --config.gan.dino /no/such/dinov2: no such"),
+             (DINO + ["--config.gan.dino_layers", "0,7"], "error: --config.gan.dino_layers: block 7 out of range"),
+             (DINO + ["--config.gan.dino_size", "18"], "error: --config.gan.dino_size 18 must be a positive multiple")]
+    for extra, want in cases:
+        assert cli.run(TINY + extra) == 1, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(want), (extra, err)

@@ -182,17 +182,22 @@ def _size(cfg) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def check_config(cfg) -> None:
-    """The cheap checks, run before any data work: method, data kind, folder, size, layers. Raises ValueError with
-    a message that starts with the config key."""
-    from turbojax.checkpoint import META_FILE
-    from turbojax.models.registry import read_component_config
+def check_method(cfg) -> None:
+    """The checks that need no DINOv2 folder (the AOT plan builds the DINOv2 from a preset): method, data kind."""
     if cfg.method not in METHODS:
         raise ValueError(f"gan.features 'dino' works with the methods {', '.join(METHODS)}, not {cfg.method!r}")
     if cfg.data.kind == "digits":
         raise ValueError("gan.features 'dino' needs a latent pipeline with a VAE (data.kind prompts or cache on "
                          "Qwen-Image / Z-Image); the digits demo has no VAE and no DINOv2 weights ship with it: "
                          "use gan.features teacher")
+
+
+def check_config(cfg) -> None:
+    """The cheap checks, run before any data work: method, data kind, folder, size, layers. Raises ValueError with
+    a message that starts with the config key."""
+    from turbojax.checkpoint import META_FILE
+    from turbojax.models.registry import read_component_config
+    check_method(cfg)
     if not cfg.gan.get("dino"):
         raise ValueError("gan.dino: give a DINOv2 folder (transformers Dinov2Model / Dinov2WithRegistersModel "
                          "with config.json + model.safetensors, or its turbojax export)")
@@ -230,29 +235,49 @@ def load(cfg, base_model, latent_shape, *, vae=None, progress: bool = False) -> 
     pipelines' VAE dtype; or `vae` when the caller holds it), with the static settings of the discriminator."""
     from turbojax import models
     check_config(cfg)
-    family = getattr(base_model, "family", None)
-    if family not in FAMILIES:
-        raise ValueError(f"gan.features 'dino' needs a Qwen-Image or Z-Image teacher, got a {family} model")
+    family = teacher_family(base_model)
     try:
         dino = models.from_diffusers(Path(cfg.gan.dino).expanduser(), dtype=jnp.dtype(cfg.dtype),
                                      scan_layers=bool(cfg.scan_layers), attention_impl=cfg.attention_impl,
                                      progress=progress)
     except (ValueError, OSError) as e:
         raise ValueError(f"gan.dino {cfg.gan.dino}: {e}") from None
-    if getattr(dino, "family", None) not in ("dinov2", "dinov2_with_registers"):
-        raise ValueError(f"gan.dino {cfg.gan.dino}: holds a {getattr(dino, 'family', '?')} model, not a DINOv2")
-    dcfg = dino.config
-    _check_size(cfg, dcfg.patch_size)
-    layers = resolve_layers(cfg.gan.get("dino_layers", ()), dcfg.num_hidden_layers)
+    layers = dino_layers(cfg, dino, f"gan.dino {cfg.gan.dino}")  # before the VAE is read: a bad DINO fails fast
     if vae is None:
         try:
             vae = models.from_diffusers(Path(cfg.init_from) / "vae", dtype=jnp.float32, progress=progress)
         except (ValueError, OSError) as e:
             raise ValueError(f"init_from {cfg.init_from}: the DINO discriminator decodes with its VAE: {e}") from None
+    return assemble(cfg, family, latent_shape, dino, vae, layers, vae_source=f"init_from {cfg.init_from}")
+
+
+# The two steps below are shared by `load` (weights from disk) and the AOT memory plan (`turbojax.plan`, abstract
+# full-size models): both work on in-memory models and read only configs, never weight values.
+
+def teacher_family(base_model) -> str:
+    family = getattr(base_model, "family", None)
+    if family not in FAMILIES:
+        raise ValueError(f"gan.features 'dino' needs a Qwen-Image or Z-Image teacher, got a {family} model")
+    return family
+
+
+def dino_layers(cfg, dino, source: str) -> tuple[int, ...]:
+    """Check a DINOv2 model (loaded or abstract; `source` names it in errors) against `gan.dino_size` and
+    `gan.dino_layers`; the blocks the heads read."""
+    if getattr(dino, "family", None) not in ("dinov2", "dinov2_with_registers"):
+        raise ValueError(f"{source}: holds a {getattr(dino, 'family', '?')} model, not a DINOv2")
+    _check_size(cfg, dino.config.patch_size)
+    return resolve_layers(cfg.gan.get("dino_layers", ()), dino.config.num_hidden_layers)
+
+
+def assemble(cfg, family: str, latent_shape, dino, vae, layers, *, vae_source: str) -> LoadedDino:
+    """The discriminator's static part and frozen arrays from a DINOv2 (checked by `dino_layers`) and the family's
+    VAE (loaded or abstract: the latent de-normalisation comes from its config); only the decoder is kept."""
     expected = "qwen_image_vae" if family == "qwen_image" else "autoencoder_kl"
     if getattr(vae, "family", None) != expected:
-        raise ValueError(f"init_from {cfg.init_from}: vae holds a {getattr(vae, 'family', '?')} model; "
+        raise ValueError(f"{vae_source}: vae holds a {getattr(vae, 'family', '?')} model; "
                          f"{family} uses {expected}")
+    dcfg = dino.config
     channels = int(latent_shape[-1]) // 4 if family == "qwen_image" else int(latent_shape[0])
     probe = jnp.zeros((1, channels, 1, 1), F32)
     shift = np.asarray(vae.denormalize_latents(probe, axis=1), np.float32).reshape(-1)

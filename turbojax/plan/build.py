@@ -1,10 +1,11 @@
 """The jitted steps of a distillation config, built abstractly on a TPU mesh: no weight is ever allocated.
 
-The same construction as `train.py distill()`: the config's base model (`nnx.eval_shape`, bf16 frozen base), the
-method (`methods.build`: LoRA roles, discriminator heads, turns, optimisers), `sharded.plan` for the shardings and
-`engine.make_step` for the steps. Every array argument (frozen base, trainables, optimiser states, EMA, batch) is a
-`jax.ShapeDtypeStruct` carrying the `NamedSharding` the real run would give it, so `jit(...).lower(...)` sees exactly
-the layouts of a real step on that mesh.
+The same construction as `train.py distill()`: the config's base model (`nnx.eval_shape`, bf16 frozen base), with
+`gan.features = "dino"` the frozen DINOv2 and VAE decoder (`turbojax.plan.dino`, abstract, assembled as
+`dino_disc.load` does), the method (`methods.build`: LoRA roles, discriminator heads, turns, optimisers),
+`sharded.plan` for the shardings and `engine.make_step` for the steps. Every array argument (frozen base and DINO /
+VAE states, trainables, optimiser states, EMA, batch) is a `jax.ShapeDtypeStruct` carrying the `NamedSharding` the
+real run would give it, so `jit(...).lower(...)` sees exactly the layouts of a real step on that mesh.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class Setup:
     text_len: int
     num_params: int
     num_trainable: int
+    dino: dict | None = None  # the DINO GAN's networks (turbojax.plan.dino), when the config runs it
 
 
 def model_preset(cfg, config_path: str, override: str = "") -> str:
@@ -119,19 +121,22 @@ def latent_and_text(model_config, resolution: int):
 
 
 def build(cfg, preset: str, mesh, *, resolution: int, batch_per_chip: int, text_len: int, attention: str,
-          num_layers: int | None = None) -> Setup:
+          num_layers: int | None = None, dino: str = "") -> Setup:
     """Every jitted step of `cfg`'s method on `mesh`, abstract. `num_layers` overrides the model's
-    depth (the per-layer FLOP count compiles 1- and 2-layer copies)."""
+    depth (the per-layer FLOP count compiles 1- and 2-layer copies); `dino` is the `--dino` preset ("": the
+    `gan.dino` folder's config, else the default; see `turbojax.plan.dino`)."""
     from turbojax import models
     from turbojax.distill import methods, sharded
     from turbojax.distill.engine import init_state, make_step
+    from turbojax.plan import dino as dino_lib
 
     if cfg.get("method") not in methods.METHODS:
         raise PlanError(f"--config: method {cfg.get('method')!r} is not a distillation method {methods.METHODS}")
-    gan = cfg.get("gan")
-    if gan is not None and gan.get("features") == "dino" and float(gan.get("weight", 0.0)) > 0:
-        raise PlanError("--config.gan.features 'dino': the plan does not build the DINOv2 discriminator yet; "
-                        "plan with gan.features=teacher")
+    if dino and not dino_lib.wanted(cfg):
+        gan = cfg.get("gan") or {}
+        raise PlanError(f"--dino {dino}: the config's GAN does not read DINO features (gan.features "
+                        f"{gan.get('features')!r}, gan.weight {gan.get('weight')}); it needs "
+                        "--config.gan.features dino and a gan.weight above 0")
     try:
         fam, mcfg = models.get_preset(preset)
     except ValueError as e:
@@ -148,12 +153,17 @@ def build(cfg, preset: str, mesh, *, resolution: int, batch_per_chip: int, text_
     latent_shape, text_dim = latent_and_text(mcfg, resolution)
     n_dp = mesh.shape["data"] * mesh.shape["fsdp"]
     global_batch = batch_per_chip * n_dp
+    planned = dino_lib.build(cfg, base, latent_shape, preset=dino, attention=attention) if dino_lib.wanted(cfg) \
+        else None
     with abstract_lora():
         try:
-            method = methods.build(cfg, base, latent_shape, jax.random.key(int(cfg.seed) + 1), cap_len=text_len)
+            method = methods.build(cfg, base, latent_shape, jax.random.key(int(cfg.seed) + 1), cap_len=text_len,
+                                   dino=planned.loaded if planned else None)
         except (ValueError, KeyError) as e:
             raise PlanError(f"--config: {e}") from None
     _, base_state = nnx.split(base)
+    # as in train.py: the base state, wrapped with the DINO and VAE-decoder states (nets.FrozenArrays) for the DINO
+    # GAN; sharded.plan gives each frozen variable its sharding from its logical axes, whichever network it is in
     frozen = method.frozen(base_state)
     plan = sharded.plan(mesh, method.turns, method.txs, method.params, frozen)
     abstract_state = jax.eval_shape(lambda p: init_state(p, method.turns, method.txs), method.params)
@@ -180,4 +190,5 @@ def build(cfg, preset: str, mesh, *, resolution: int, batch_per_chip: int, text_
         steps.append(Step(turn.name, fn, (state, frozen, batch, key)))
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(base_state))
     n_train = sum(int(np.prod(np.shape(v))) for v in jax.tree.leaves(method.params))
-    return Setup(steps, mcfg, global_batch, tuple(latent_shape), text_len, n_params, n_train)
+    return Setup(steps, mcfg, global_batch, tuple(latent_shape), text_len, n_params, n_train,
+                 planned.info if planned else None)

@@ -2,14 +2,18 @@
 
     python -m turbojax.plan --config configs/qwen_image_dmd2_gan.py --topology v5e:4x4 [--num-slices K]
         [--mesh data=1,fsdp=-1,tensor=1] [--remat POLICY] [--resolution 1024] [--batch-per-chip 1]
-        [--text-len 256] [--attention xla] [--model PRESET] [--flops layers|raw] [--json OUT] [--config.x=y ...]
+        [--text-len 256] [--attention xla] [--model PRESET] [--dino PRESET] [--flops layers|raw] [--json OUT]
+        [--config.x=y ...]
 
 --mesh      mesh sizes over the topology's chips (one -1 fills; default: all chips on fsdp)
 --remat     the block remat policy (none, full, dots, dots_no_batch, nothing_saveable; default: the config's)
 --batch-per-chip  samples per data-parallel shard (data x fsdp); the global batch is this x data x fsdp
 --text-len  prompt tokens per sample (Qwen-Image: padded text; Z-Image: caption length)
---attention attention_impl of the base: splash (Pallas TPU kernel, the default), xla, chunked
+--attention attention_impl of the base (and of the DINO GAN's DINOv2 and VAE decoder): splash (Pallas TPU kernel,
+            the default), xla, chunked
 --model     base preset (default: the config's `model`, else from the config's file name: qwen_image, z_image_turbo)
+--dino      with gan.features dino: the DINOv2 to plan, dinov2-small|base|large|giant or dinov2-with-registers-*
+            (default: the config of an existing gan.dino folder, else dinov2-small; see turbojax/plan/dino.py)
 --flops     layers: FLOPs corrected for the scan by compiling 1- and 2-layer unrolled copies (2 small extra compiles
             per step); raw: cost_analysis as is (the scanned stack counted once)
 --steps     only these steps (comma list of the method's turn names; default: all)
@@ -27,7 +31,8 @@ from turbojax.training import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[2]
 FLAGS = {"topology": None, "num-slices": "1", "mesh": "data=1,fsdp=-1,tensor=1", "remat": "", "resolution": "1024",
-         "batch-per-chip": "1", "text-len": "256", "attention": "splash", "model": "", "flops": "layers", "steps": "", "json": ""}
+         "batch-per-chip": "1", "text-len": "256", "attention": "splash", "model": "", "dino": "", "flops": "layers",
+         "steps": "", "json": ""}
 
 
 def _int(flags, name: str, minimum: int = 1) -> int:
@@ -90,7 +95,7 @@ def _main(argv: list[str]) -> int:
         mesh = build_mesh(devices, sizes, num_slices)
         preset = build_lib.model_preset(cfg, _config_path(argv), flags["model"])
         kw = dict(resolution=resolution, batch_per_chip=batch_per_chip, text_len=text_len,
-                  attention=flags["attention"])
+                  attention=flags["attention"], dino=flags["dino"])
         setup = build_lib.build(cfg, preset, mesh, **kw)  # eager host work: not under the TPU mesh
     except PlanError as e:
         raise UserError(str(e)) from None
@@ -100,6 +105,12 @@ def _main(argv: list[str]) -> int:
           f"method {cfg.method}, {resolution}px, global batch {setup.global_batch}, text {text_len}, remat "
           f"{cfg.remat}, attention {flags['attention']}; {flags['topology']} x{num_slices} ({len(devices)} chips "
           f"{chip.name}, HBM {chip.hbm_bytes / 2**30:.2f} GiB), mesh {mesh_desc}", flush=True)
+    d = setup.dino
+    if d:
+        print(f"DINO GAN on: {d['dino']} ({d['dino_params'] / 1e6:.1f}M frozen, {d['dino_dtype']}, blocks "
+              f"{d['dino_layers']} at {d['dino_size'][0]}x{d['dino_size'][1]} px) on images decoded by {d['vae']} "
+              f"({d['vae_decoder_params'] / 1e6:.1f}M decoder params, {d['vae_dtype']}, "
+              f"{d['image_hw'][0]}x{d['image_hw'][1]} px)", flush=True)
 
     wanted = [n for n in flags["steps"].split(",") if n]
     unknown = sorted(set(wanted) - {s.name for s in setup.steps})
@@ -147,7 +158,8 @@ def _main(argv: list[str]) -> int:
               "model": preset, "method": cfg.method, "resolution": resolution, "global_batch": setup.global_batch,
               "batch_per_chip": batch_per_chip, "text_len": text_len, "remat": cfg.remat,
               "attention": flags["attention"], "num_params": setup.num_params,
-              "num_trainable": setup.num_trainable, "steps": steps,
+              "num_trainable": setup.num_trainable, "gan_features": (cfg.get("gan") or {}).get("features"),
+              "dino_gan": setup.dino, "steps": steps,
               "note": "est_step_seconds is a roofline ESTIMATE: max(flops / (0.5 x bf16 peak), bytes / HBM BW)"}
     if out is not None:
         from turbojax.convert.atomic import commit_file
