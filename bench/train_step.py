@@ -22,13 +22,9 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
-import glob
-import gzip
 import json
-import re
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +39,7 @@ from flax import nnx  # noqa: E402
 
 import forward as fwdbench  # noqa: E402
 from gemm_floor import _best_ms, qwen_image_gemms, z_image_gemms  # noqa: E402
+from op_profile import print_profile, profile_ops  # noqa: E402
 from turbojax.lora import init_adapter  # noqa: E402
 from turbojax.lora.unmerged import factors_of, make_role  # noqa: E402
 
@@ -258,59 +255,6 @@ def backward_floor(fwd_gemms: dict, jdt, tdt, iters: int) -> dict:
     return {**total, "shapes": rows}
 
 
-def _hlo_sources(hlo_text: str) -> dict:
-    """HLO instruction name -> short description (opcode, fusion kind, shape, JAX op path) from the compiled HLO."""
-    out = {}
-    pat = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (\S+) (\w[\w\-]*)\(")
-    for line in hlo_text.splitlines():
-        m = pat.match(line)
-        if not m:
-            continue
-        name, shape, op = m.groups()
-        # op_name is the JAX transformation/primitive path, e.g. ".../transpose(jvp())/while/body/dot_general":
-        # `transpose(jvp())` marks the backward, the tail names the primitive.
-        opn = re.search(r'op_name="([^"]*)"', line)
-        what = "/".join(opn.group(1).split("/")[1:])[-80:] if opn else ""
-        kind = re.search(r"kind=(k\w+)", line)
-        out[name] = f"{op}{'/' + kind.group(1) if kind else ''} {shape[:40]} {what}".strip()
-    return out
-
-
-def profile_ops(fn, arg, runs: int = 3, top: int = 15) -> dict:
-    """Per-op time of the compiled `fn(arg)` from a `jax.profiler` trace (XLA:CPU emits one event per executed
-    thunk, named after its HLO instruction); loop bodies count every iteration."""
-    hlo = fn.lower(arg).compile().as_text()
-    names = _hlo_sources(hlo)
-    jax.block_until_ready(fn(arg))
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-            for _ in range(runs):
-                jax.block_until_ready(fn(arg))
-        files = glob.glob(f"{d}/**/perfetto_trace.json.gz", recursive=True)
-        if not files:
-            return {"error": "no perfetto trace written"}
-        data = json.load(gzip.open(files[0]))
-    events = data["traceEvents"] if isinstance(data, dict) else data
-    per = collections.Counter()
-    for e in events:
-        name = e.get("name", "")
-        if e.get("ph") == "X" and name in names:
-            per[name] += e.get("dur", 0) / 1e3 / runs
-    total = sum(per.values())
-    ops = [{"op": n, "ms": ms, "share": ms / total if total else 0.0, "what": names[n]} for n, ms in
-           per.most_common(top)]
-    by_kind, by_op = collections.Counter(), collections.Counter()
-    for n, ms in per.items():
-        kind = names[n].split(" ")[0]
-        by_kind[kind] += ms
-        # backward ops carry `transpose(` in their JAX path; the path's last element names the primitive
-        path = names[n].split(" ")[-1]
-        phase = "bwd" if "transpose(" in path else "fwd"
-        by_op[f"{phase} {'gemm' if 'ynn' in n or kind == 'dot' else kind} {path.split('/')[-1]}"] += ms
-    return {"total_ms": total, "top": ops, "by_kind": dict(by_kind.most_common(12)),
-            "by_op": dict(by_op.most_common(20))}
-
-
 # ---------------------------------------------------------------------------------------------------------------
 
 def run_case(a, kind, name, tm, sd, fam, cfg, inputs, fl):
@@ -394,15 +338,7 @@ def report(kind, name, r):
               f"{f['torch_ms']:.1f} ms; turbojax backward (fwd+bwd - fwd) "
               f"{t['turbojax fwd_bwd'] - t['turbojax fwd']:.1f} ms")
     if "profile" in r and "top" in r["profile"]:
-        p = r["profile"]
-        print(f"  per-op profile of the compiled fwd+bwd ({p['total_ms']:.1f} ms of op time per run):")
-        for o in p["top"]:
-            print(f"    {o['ms']:7.2f} ms {100 * o['share']:5.1f}%  {o['op'][:28]:28s} {o['what'][:110]}")
-        print("    by op kind (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in p["by_kind"].items()))
-        print("    by phase / kind / JAX primitive (ms, share):")
-        for k, v in p["by_op"].items():
-            print(f"      {v:8.1f} {100 * v / p['total_ms']:5.1f}%  {k}")
-
+        print_profile(r["profile"], "the compiled fwd+bwd")
 
 def main(argv=None) -> int:
     a = parse_args(argv)
