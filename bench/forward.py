@@ -71,6 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--gemm-floor", type=int, choices=(0, 1), default=1,
                    help="1: also time every GEMM shape of the forward alone (see bench/gemm_floor.py)")
+    p.add_argument("--profile", type=int, choices=(0, 1), default=0,
+                   help="1: also print a per-op profile of each compiled turbojax forward (bench/op_profile.py)")
+    p.add_argument("--profile-top", type=int, default=15)
     p.add_argument("--json", dest="json_out", default=None, help="write all figures to this JSON file")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -273,7 +276,22 @@ def run_dtype(name, args, tm, sd, fam, cfg, inputs, kind):
     res_ours, res_torch = timed_pair(jax_fwd, torch_fwd, args.iters, args.warmup)
     out_ours = np.asarray(jax_fwd(), np.float64)
     out_torch = torch_fwd().double().numpy()
+    if args.profile:
+        profile_forward(kind, ours, inputs, jdt, args.profile_top, f"the {kind} {name} forward")
     return res_ours, res_torch, out_ours, out_torch, compile_s
+
+
+def profile_forward(kind, ours, inputs, jdt, top: int, what: str) -> dict:
+    """Per-op profile of the compiled turbojax forward, weights and inputs passed as arguments (as `jax_fwd`)."""
+    import train_step  # its input builder; imported here because it imports this module
+    from op_profile import print_profile, profile_ops
+    apply, data = train_step.jax_apply(kind, inputs, jdt)
+    graphdef, state = nnx.split(ours)
+    fn = jax.jit(lambda a: apply(nnx.merge(graphdef, a[0]), a[1]))
+    prof = profile_ops(fn, (state, data), top=top)
+    if "top" in prof:
+        print_profile(prof, what)
+    return prof
 
 
 def fmt_table(rows) -> str:
