@@ -59,16 +59,19 @@ def _broadcast_rows_fn(vshape: tuple, shape: tuple, dtype):
 # Activations with a hand-written backward that keeps only their input. Autodiff of tanh-GELU saves five
 # intermediates of the MLP's widest activation per layer (5 x [S, 4D] fp32 stacks through a scan) and XLA:CPU then
 # fuses that whole backward into a transposing copy for the LoRA gradient GEMM, which was a quarter of a LoRA
-# training step on the medium Qwen-Image; recomputing from x costs one pass over it. Forward values are exactly
-# jax.nn's.
+# training step on the medium Qwen-Image; recomputing from x costs one pass over it.
 _GELU_C = 0.7978845608028654  # sqrt(2 / pi)
 _GELU_K = 0.044715
 
 
+# The forward values are evaluated in fp32 and rounded once to x's dtype, as torch's CPU and CUDA kernels do for
+# half-precision inputs. jax.nn's functions on a bf16 array round every intermediate instead, which on XLA:CPU
+# (no native bf16 arithmetic) also costs a convert pair per intermediate: a dozen per element for tanh-GELU, the
+# most expensive elementwise fusion of the bf16 Qwen-Image forward. fp32 inputs are unchanged.
 @jax.custom_vjp
 def gelu_tanh(x: jax.Array) -> jax.Array:
-    """`jax.nn.gelu(x, approximate=True)` (torch's GELU(approximate="tanh"))."""
-    return jax.nn.gelu(x, approximate=True)
+    """`jax.nn.gelu(x, approximate=True)` (torch's GELU(approximate="tanh")), computed in fp32."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)
 
 
 def _gelu_fwd(x):
@@ -87,8 +90,8 @@ gelu_tanh.defvjp(_gelu_fwd, _gelu_bwd)
 
 @jax.custom_vjp
 def silu(x: jax.Array) -> jax.Array:
-    """`jax.nn.silu(x)` with a backward that keeps only x (see `gelu_tanh`)."""
-    return jax.nn.silu(x)
+    """`jax.nn.silu(x)` computed in fp32, with a backward that keeps only x (see `gelu_tanh`)."""
+    return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
 
 
 def _silu_fwd(x):
