@@ -158,6 +158,17 @@ def _chunked_forward(c: _Chunking, q, k, v, masks, stats: bool):
     def pv(p, vi):
         return jnp.dot(p.astype(vi.dtype), vi, preferred_element_type=F32)
 
+    def probs(s, m):
+        """`exp(s - m)` in the dtype of V (what PV reads) and its fp32 row sums. For half-precision V the
+        probabilities are rounded in the pass that computes them and summed after rounding: XLA:CPU otherwise writes
+        them in fp32, reads them for the sum and again for a separate convert (two extra passes over every
+        `[bq, bk]` block, ~1/5 of the bf16 attention). Summing the rounded values normalises the weights PV
+        actually uses; the difference to summing before rounding is bf16 round-off."""
+        p = jnp.exp(s - m)
+        if c.dtypes[2] != F32:
+            p = p.astype(c.dtypes[2])
+        return p, jnp.sum(p.astype(F32), axis=-1, keepdims=True)
+
     def one_block(i, carry):
         out, m_all, l_all = carry
         bi, hi, qb = i // (h * nq), (i // nq) % h, i % nq
@@ -166,8 +177,7 @@ def _chunked_forward(c: _Chunking, q, k, v, masks, stats: bool):
             ki, vi = c.kv_rows(k, v, bi, hi, 0)
             s = c.scores(masks, qi, ki, bi, 0, qb * bq)
             m = jnp.max(s, axis=-1, keepdims=True)
-            p = jnp.exp(s - m)
-            l = jnp.sum(p, axis=-1, keepdims=True)
+            p, l = probs(s, m)
             o = pv(p, vi) / l
         else:  # online softmax over key blocks, statistics in fp32
             def kv_step(j, carry):
@@ -176,8 +186,8 @@ def _chunked_forward(c: _Chunking, q, k, v, masks, stats: bool):
                 s = c.scores(masks, qi, ki, bi, j * bk, qb * bq)
                 m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
                 corr = jnp.exp(m - m_new)
-                p = jnp.exp(s - m_new)
-                return m_new, l * corr + jnp.sum(p, axis=-1, keepdims=True), acc * corr + pv(p, vi)
+                p, l_j = probs(s, m_new)
+                return m_new, l * corr + l_j, acc * corr + pv(p, vi)
 
             init = (jnp.full((bq, 1), NEG, F32), jnp.zeros((bq, 1), F32), jnp.zeros((bq, dv), F32))
             m, l, acc = lax.fori_loop(0, nk, kv_step, init)
