@@ -1,4 +1,5 @@
-"""Scanned bf16 block stacks: weights sliced as uint16 (no fp32 copy of the stack), gradients unchanged."""
+"""Scanned bf16 block stacks: each layer's slice fetched without any copy of a whole stack (no fp32 upcast, no
+uint16 view), gradients unchanged."""
 import re
 
 import jax
@@ -29,6 +30,8 @@ def setup(dtype):
 def test_gradients_match_plain_scan(dtype, monkeypatch):
     state, loss = setup(dtype)
     v1, g1 = jax.jit(jax.value_and_grad(loss))(state)
+    # the plain scan: no per-layer fetch (the non-CPU path), no uint16 view, no fp32 shadow
+    monkeypatch.setattr(blocks, "current_platform", lambda: "plain")
     monkeypatch.setattr(blocks, "_half_as_bits", lambda x: None)
     monkeypatch.setattr(blocks, "_grad_shadow", lambda x: x)
     v2, g2 = jax.jit(jax.value_and_grad(loss))(state)
@@ -38,22 +41,28 @@ def test_gradients_match_plain_scan(dtype, monkeypatch):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
 
 
-def test_bf16_forward_makes_no_fp32_copy_of_the_weight_stack():
+def test_bf16_forward_makes_no_copy_of_the_weight_stack():
     state, loss = setup(jnp.bfloat16)
     stacked = {tuple(x.shape) for x in jax.tree.leaves(state) if x.ndim >= 3 and x.shape[0] == 2}
     hlo = jax.jit(loss).lower(state).compile().as_text()
-    f32 = {tuple(int(n) for n in m.split(",")) for m in re.findall(r"f32\[([\d,]+)\]", hlo)}
-    assert stacked and not stacked & f32, stacked & f32
+    # Buffers the program materialises: instruction results outside fused computations (inside a fusion, a
+    # convert of the stack feeding a slice only computes the slice).
+    unfused = "\n\n".join(c for c in hlo.split("\n\n") if not re.match(r"\s*%(fused|wrapped)", c))
+    for dt in ("f32", "u16"):  # an upcast copy of a stack, or its uint16 view (a copy on XLA:CPU)
+        copies = {tuple(int(n) for n in m.split(",")) for m in re.findall(r"= " + dt + r"\[([\d,]+)\]", unfused)}
+        assert stacked and not stacked & copies, (dt, stacked & copies)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_activation_backward_matches_autodiff(dtype):
-    """gelu_tanh / silu keep only their input for the backward; values and gradients are jax.nn's."""
+    """gelu_tanh / silu keep only their input for the backward; values are jax.nn's evaluated in fp32 and rounded
+    once (torch's half-precision kernels do the same), gradients jax.nn's."""
     from turbojax.nn.layers import gelu_tanh, silu
     x = jnp.asarray(np.linspace(-6, 6, 1001), dtype)
     w = jnp.asarray(np.random.default_rng(0).standard_normal(1001), dtype)
     for ours, ref in ((gelu_tanh, lambda x: jax.nn.gelu(x, approximate=True)), (silu, jax.nn.silu)):
-        np.testing.assert_array_equal(np.asarray(ours(x), np.float32), np.asarray(ref(x), np.float32))
+        np.testing.assert_array_equal(np.asarray(ours(x), np.float32),
+                                      np.asarray(ref(x.astype(jnp.float32)).astype(dtype), np.float32))
         g1 = jax.grad(lambda x: jnp.sum((ours(x) * w).astype(jnp.float32)))(x)
         g2 = jax.grad(lambda x: jnp.sum((ref(x.astype(jnp.float32)) * w.astype(jnp.float32))))(x)
         tol = 1e-5 if dtype == jnp.float32 else 2e-2  # round-off of a different formula

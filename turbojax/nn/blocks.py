@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from turbojax.nn.attention import current_platform
 from turbojax.nn.remat import remat_policy
 from turbojax.sharding import constrain_residual
 
@@ -64,23 +65,33 @@ def run_blocks(blocks, carry, consts, *, scan: bool, remat: str, taps: Sequence[
 
     if scan:
         graphdef, state = nnx.split(blocks)
-        # bf16 weights are scanned as same-width integers and bitcast back inside the body (see
-        # `_half_as_bits`); an fp32 shadow of each such stack rides along only to receive the gradient.
-        bits = jax.tree.map(_half_as_bits, state)
+        n_layers = jax.tree.leaves(state)[0].shape[0]
+        # an fp32 shadow of each bf16 stack rides along only to receive the gradient (see `_grad_shadow`)
         shadow = jax.tree.map(_grad_shadow, state)
-        # The bits -> bf16 view happens inside the checkpointed body: its residuals are then the scanned slices
-        # themselves, which the scan forwards, instead of a bf16 copy of every layer's frozen weights stacked for
-        # the backward pass (~2.5 GiB per chip and differentiated pass at 20B on 16 chips).
-        body = make_body(graphdef, convert=lambda xs: jax.tree.map(_from_bits_or_same, xs[1], xs[0],
-                                                                   is_leaf=lambda x: x is None))
+        if current_platform() == "cpu":
+            # bf16 stacks stay loop constants; each layer's slice is fetched in the body past an optimization
+            # barrier (see `_fetch_layer`), so no copy of a whole stack is made per call.
+            halves = jax.tree.map(lambda x: x if x.dtype == jnp.bfloat16 else None, state)
+            per_layer = jnp.arange(n_layers, dtype=jnp.int32)
+            body = make_body(graphdef, convert=lambda xs: jax.tree.map(
+                lambda h, like: like if h is None else _fetch_layer(h, xs[1], like), halves, xs[0],
+                is_leaf=lambda x: x is None))
+        else:
+            # bf16 weights are scanned as same-width integers and bitcast back inside the body (see
+            # `_half_as_bits`). The bits -> bf16 view happens inside the checkpointed body: its residuals are then
+            # the scanned slices themselves, which the scan forwards, instead of a bf16 copy of every layer's
+            # frozen weights stacked for the backward pass (~2.5 GiB per chip and differentiated pass at 20B on 16
+            # chips).
+            per_layer = jax.tree.map(_half_as_bits, state)
+            body = make_body(graphdef, convert=lambda xs: jax.tree.map(_from_bits_or_same, xs[1], xs[0],
+                                                                       is_leaf=lambda x: x is None))
 
         def layer(c, xs):
             return body(c, xs[:2])
         if not collect:
-            carry, _ = jax.lax.scan(layer, carry, (shadow, bits), unroll=_UNROLL["scans"])
+            carry, _ = jax.lax.scan(layer, carry, (shadow, per_layer), unroll=_UNROLL["scans"])
             return carry
         uniq = sorted(set(int(i) for i in taps))
-        n_layers = jax.tree.leaves(state)[0].shape[0]
         slot = np.full((n_layers,), -1, np.int32)  # which buffer row layer i writes, -1: none
         slot[uniq] = np.arange(len(uniq))
 
@@ -92,7 +103,7 @@ def run_blocks(blocks, carry, consts, *, scan: bool, remat: str, taps: Sequence[
             row = jnp.where(xs[2] >= 0, y, jax.lax.dynamic_index_in_dim(buf, i, 0, keepdims=False))
             return (out, jax.lax.dynamic_update_index_in_dim(buf, row, i, 0)), None
         buf = jnp.zeros((len(uniq), *carry[0].shape), carry[0].dtype)
-        (carry, buf), _ = jax.lax.scan(scan_body, (carry, buf), (shadow, bits, jnp.asarray(slot)),
+        (carry, buf), _ = jax.lax.scan(scan_body, (carry, buf), (shadow, per_layer, jnp.asarray(slot)),
                                        unroll=_UNROLL["scans"])
         return carry, [buf[uniq.index(int(i))] for i in taps]
     outs = []
@@ -101,6 +112,29 @@ def run_blocks(blocks, carry, consts, *, scan: bool, remat: str, taps: Sequence[
         carry, y = make_body(graphdef)(carry, state)
         outs.append(y)
     return (carry, [outs[i] for i in taps]) if collect else carry
+
+
+@jax.custom_vjp
+def _fetch_layer(stack, i, like):
+    """Layer `i` of a bf16 weight stack (XLA:CPU only). Scanning the stack itself makes XLA:CPU upcast the bf16
+    dynamic slice and hoist a convert of the whole stack out of the loop; scanning its uint16 view instead
+    (`_half_as_bits`) still copies every stack once per call, because XLA:CPU materialises the same-width
+    bitcast (~10% of the medium Qwen-Image bf16 forward). Behind an optimization barrier that also takes the
+    loop index, the stack is no longer loop-invariant to XLA, nothing is hoisted, and each layer reads only its
+    slice. The gradient goes to `like`, the fp32 shadow of the same layer, as in `_straight_through`."""
+    stack, i = jax.lax.optimization_barrier((stack, i))
+    return jax.lax.dynamic_index_in_dim(stack, i, 0, keepdims=False)
+
+
+def _fetch_fwd(stack, i, like):
+    return _fetch_layer(stack, i, like), None
+
+
+def _fetch_bwd(_, ct):
+    return None, None, ct.astype(jnp.float32)  # None: a zero cotangent for the stack and the index
+
+
+_fetch_layer.defvjp(_fetch_fwd, _fetch_bwd)
 
 
 def _half_as_bits(x):
