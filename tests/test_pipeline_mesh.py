@@ -40,7 +40,14 @@ def test_sampling_on_a_mesh_equals_unsharded(folders, name, kw, shape):
     n = len(prompts)
     noise = plain.noise(3, n, 64, 64)
     a = plain(prompts, steps=2, width=64, height=64, noise=noise, **kw)
+    seen = []  # the sampling loop's result, as the decode stage receives it
+    decode = sharded.decode
+    sharded.decode = lambda latents, **k: (seen.append(latents), decode(latents, **k))[1]
     b = sharded(prompts, steps=2, width=64, height=64, noise=noise, **kw)
+    # the loop's result keeps the batch layout: one sample per device when data x fsdp divides the batch
+    # (the Qwen case: 4 over 2 x 2), else replicated (Z-Image: 4 images, fsdp 8)
+    splits = n % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0
+    assert (_sharded_over_batch(seen[0], mesh) if splits else seen[0].sharding.is_fully_replicated), seen[0].sharding
     assert a.shape == b.shape == (n, 64, 64, 3)
     assert a.std() > 5, "images must not be flat for the comparison to mean anything"
     diff = np.abs(a.astype(int) - b.astype(int))

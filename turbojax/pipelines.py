@@ -291,7 +291,8 @@ def _quantise(img):
 @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
 def _decode_stage(graphdef, state, latents, family: str, height: int, width: int):
     vae = nnx.merge(graphdef, state)
-    return _quantise(vae.decode_nhwc(_latents_nhwc(vae, latents, family, height, width), tiled=False))
+    images = _quantise(vae.decode_nhwc(_latents_nhwc(vae, latents, family, height, width), tiled=False))
+    return sampling.batch_layout(images)  # on a mesh: each device decodes and keeps its own samples
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))

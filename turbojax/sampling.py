@@ -152,6 +152,14 @@ def euler_step(x, v, sigma, sigma_next, precision: str = "diffusers"):
     return (x.astype(jnp.float32) + dt * v.astype(jnp.float32)).astype(x.dtype)
 
 
+def batch_layout(x):
+    """The latents laid out one sample per data-parallel device when the loops run under a mesh (`jax.set_mesh`,
+    as `Text2ImagePipeline` on a mesh does): the loop's input and result are pinned to the batch layout rather than
+    left to propagation (a batch the mesh cannot split stays replicated); a no-op without a mesh."""
+    from turbojax.sharding import constrain
+    return constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
 def _qwen_loop(graphdef, img_shapes, cfg_mode, precision, state, x, ctx, mask, neg_ctx, neg_mask, sigmas, t_model,
                scale):
@@ -177,7 +185,7 @@ def _qwen_loop(graphdef, img_shapes, cfg_mode, precision, state, x, ctx, mask, n
     def step(i, x):
         return euler_step(x, velocity(x, t_model[i]), sigmas[i], sigmas[i + 1], precision)
 
-    return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, x)
+    return batch_layout(jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, batch_layout(x)))
 
 
 def _run_qwen(model, latents, ctx, mask, neg_ctx, neg_mask, sigmas, img_shapes, scale, precision):
@@ -287,7 +295,7 @@ def _z_loop(graphdef, cfg_mode, state, x, caps, neg_caps, sigmas, t_model, cfg_o
             pred = jax.lax.cond(cfg_on[i], guided, plain, x, t)
         return x + (sigmas[i + 1] - sigmas[i]) * -pred  # the model predicts x0 - noise; v = -pred
 
-    return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, x)
+    return batch_layout(jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, batch_layout(x)))
 
 
 def sample_z_image(model, latents, prompt_embeds, sigmas, *, negative_prompt_embeds=None,
