@@ -324,3 +324,28 @@ def test_conversion_round_trip_is_byte_exact_and_loads(tmp_path, which):
         vae = models.from_diffusers(tmp_path / folder, progress=False)
         assert type(vae).__name__ == ("AutoencoderKLQwenImage" if which == "qwen" else "AutoencoderKL")
         assert max_rel_err(np.asarray(vae.decode(z).sample), ref) < TOL
+
+
+# ---- decoder remat (the DINO discriminator differentiates through the decode) ---------------------------------
+
+@pytest.mark.parametrize("which", ["qwen", "kl"])
+def test_decoder_remat_same_values_and_gradients_fewer_saved(which, request):
+    """`decoder(z, remat=True)` checkpoints each resnet / upsampler of the up blocks: the same image and the same
+    gradient w.r.t. the latents, and the backward pass keeps fewer residuals."""
+    import jax
+    import jax.numpy as jnp
+    _, vae = request.getfixturevalue(which)
+    decoder = vae.decoder
+    z = jnp.asarray(latents((2, 8, 8, 4)))  # NHWC latents of a 64x64 image
+
+    def loss(z, remat):
+        return jnp.sum(jnp.square(decoder(z, remat=remat)))
+    plain, ck = (jax.value_and_grad(lambda z, r=r: loss(z, r))(z) for r in (False, True))
+    np.testing.assert_allclose(np.asarray(ck[0]), np.asarray(plain[0]), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(ck[1]), np.asarray(plain[1]), rtol=1e-4, atol=1e-5 * float(
+        jnp.abs(plain[1]).max()))
+
+    def saved_bytes(remat):  # what the backward keeps: the arrays held by the VJP closure (its residuals)
+        _, vjp = jax.vjp(lambda z: loss(z, remat), z)
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(vjp) if hasattr(x, "dtype"))
+    assert saved_bytes(True) < 0.5 * saved_bytes(False), (saved_bytes(True), saved_bytes(False))

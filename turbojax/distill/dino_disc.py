@@ -121,7 +121,10 @@ class DinoGan:
         scale, shift = (jnp.asarray(v, F32).reshape(1, -1, 1, 1) for v in self.denorm)
         z = jnp.transpose(z * scale + shift, (0, 2, 3, 1)).astype(self.vae_dtype)
         post, decoder = nnx.merge(self.vae, vae_state)
-        return decoder(post(z) if post is not None else z).astype(F32)
+        # the decode is differentiated at the training resolution: checkpointing each resnet of its up blocks
+        # costs one more decoder forward and keeps only their inputs (Qwen-Image DMD2 + GAN at 1024 px on
+        # v5e:4x4: see bench/plans/README.md)
+        return decoder(post(z) if post is not None else z, remat=True).astype(F32)
 
     def features(self, frozen, x) -> list[jax.Array]:
         """`[CLS, patch tokens]` `[B, 1 + N, D]` at each of `layers` for latents `x` (`frozen`: FrozenArrays)."""

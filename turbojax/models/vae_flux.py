@@ -26,6 +26,7 @@ from flax import nnx
 
 from turbojax.nn.attention import attention
 from turbojax.nn.layers import Linear
+from turbojax.nn.remat import checkpointed_chain
 
 # Logical axis names of VAE parameters. None of them is in the sharding rules, so VAEs are replicated (they are
 # small: 84 M / 127 M parameters) and never collide with the transformer's "embed"/"mlp" rules.
@@ -405,10 +406,12 @@ class Decoder(nnx.Module):
         self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, **kw)
         self.act = act
 
-    def __call__(self, z):
+    def __call__(self, z, *, remat: bool = False):
+        """`remat`: each resnet and upsampler of the up blocks under `jax.checkpoint` (for decodes that are
+        differentiated, see `checkpointed_chain`); the values are the same."""
         x = self.mid_block(self.conv_in(z))
         for blk in self.up_blocks:
-            x = blk(x)
+            x = checkpointed_chain([*blk.resnets, *(blk.upsamplers or ())], x) if remat else blk(x)
         return self.conv_out(activation(self.act)(self.conv_norm_out(x)))
 
 

@@ -28,6 +28,7 @@ from flax import nnx
 from turbojax.models.vae_flux import (CHANNEL_AXES, CONV_AXES, Conv2d, DecoderOutput, DiagonalGaussian,
                                       EncoderOutput, Tiling, check_image, conv_nhwc, conv_params, jitted, silu,
                                       single_head_attention, tiled_apply, upsample_nearest2x)
+from turbojax.nn.remat import checkpointed_chain
 
 QWEN_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
                      -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
@@ -221,10 +222,12 @@ class Decoder3d(nnx.Module):
         self.norm_out = RMSNorm(dims[-1], images=False, **kw)
         self.conv_out = conv3(dims[-1], cfg.input_channels, **kw)
 
-    def __call__(self, z):
+    def __call__(self, z, *, remat: bool = False):
+        """`remat`: each resnet and upsampler of the up blocks under `jax.checkpoint` (for decodes that are
+        differentiated, see `checkpointed_chain`); the values are the same."""
         x = self.mid_block(self.conv_in(z))
         for blk in self.up_blocks:
-            x = blk(x)
+            x = checkpointed_chain([*blk.resnets, *(blk.upsamplers or ())], x) if remat else blk(x)
         return self.conv_out(silu(self.norm_out(x)))
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import jax
+from flax import nnx
 
 _POLICIES = {
     "full": None,  # save nothing, recompute the whole block on the backward pass
@@ -18,3 +19,13 @@ def remat_policy(name: str):
     if name not in _POLICIES:
         raise ValueError(f"unknown remat policy {name!r}; choose one of {['none', *_POLICIES]}")
     return _POLICIES[name]
+
+
+def checkpointed_chain(modules, x):
+    """`x` through `modules` in turn, each call under `jax.checkpoint`: the backward pass keeps only the input of each
+    module and recomputes its inside (the VAE decode that the DINO discriminator differentiates through at full
+    resolution would otherwise keep every norm / activation / convolution output of every resnet)."""
+    for module in modules:
+        graphdef, state = nnx.split(module)
+        x = jax.checkpoint(lambda s, v, g=graphdef: nnx.merge(g, s)(v))(state, x)
+    return x
