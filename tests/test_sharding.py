@@ -38,3 +38,25 @@ def test_sharded_forward_matches_unsharded():
     arrays = {k: (jax.device_put(v, bs) if isinstance(v, np.ndarray) else v) for k, v in inputs.items()}
     out = sharded(**arrays)
     np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_make_mesh_layout_auto_axes_and_slices():
+    """One mesh builder for train.py, sample.py and the plan: Auto axes; on CPU the devices in `jax.devices()` order;
+    on a multi-slice TPU system (compile-only devices from libtpu) the data axis spans the slices over DCN, fsdp and
+    tensor stay inside one slice, and a data size the slices do not divide is refused."""
+    from jax.sharding import AxisType
+    mesh = make_mesh(data=2, fsdp=-1, tensor=2)
+    assert mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert tuple(mesh.axis_types) == (AxisType.Auto,) * 3
+    assert [d.id for d in mesh.devices.reshape(-1)] == [d.id for d in jax.devices()]
+
+    from turbojax.plan.topology import topology_devices
+    devices = topology_devices("v5e:2x2", 2)  # 2 slices of 4 chips
+    assert len({d.slice_index for d in devices}) == 2
+    mesh = make_mesh(data=2, fsdp=-1, tensor=1, devices=devices)
+    assert mesh.shape == {"data": 2, "fsdp": 4, "tensor": 1}
+    for row in mesh.devices:  # one data index = one slice
+        assert len({d.slice_index for d in row.reshape(-1)}) == 1
+    assert {mesh.devices[i, 0, 0].slice_index for i in range(2)} == {0, 1}
+    with pytest.raises(ValueError, match="multiple of the 2 slices"):
+        make_mesh(data=1, fsdp=-1, tensor=1, devices=devices)

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from turbojax.convert.params import flat_params
 
@@ -31,8 +31,16 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh; one size may be -1 to take the remaining devices."""
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence | None = None, *,
+              num_slices: int | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh with Auto axes; one size may be -1 to take the remaining devices.
+
+    Devices are laid out by `mesh_utils` (on TPU along the physical torus, so that fsdp / tensor collectives ride
+    neighbouring links; elsewhere in `jax.devices()` order). On a multi-slice TPU job (`num_slices`, by default the
+    number of distinct `slice_index` among the devices) the `data` axis spans the slices over DCN and must be a
+    multiple of their number; fsdp and tensor stay inside a slice (ICI), as MaxText lays out DCN data parallelism.
+    ValueError with the reason when the sizes do not fit the devices."""
+    from jax.experimental import mesh_utils
     devices = list(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
@@ -45,7 +53,22 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Sequence 
     if int(np.prod(sizes)) != len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
                          f"have {len(devices)}")
-    return Mesh(np.array(devices).reshape(sizes), MESH_AXES)
+    if num_slices is None:
+        num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    try:
+        if num_slices > 1:
+            if sizes[0] % num_slices:
+                raise ValueError(f"data={sizes[0]} must be a multiple of the {num_slices} slices (the data axis "
+                                 "spans them over DCN)")
+            ici = (sizes[0] // num_slices, sizes[1], sizes[2])
+            arr = mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), devices,
+                                                       allow_split_physical_axes=True)
+        else:
+            arr = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    except (NotImplementedError, AssertionError) as e:  # mesh_utils' ways of saying the shape does not map
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                         ) from None
+    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def parse_mesh_sizes(text: str) -> dict[str, int]:

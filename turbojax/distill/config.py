@@ -45,7 +45,8 @@ Every field, with the published values it follows (shared docs `distillation.md`
   ttur_ratio        critic turns per generator turn (FastGen: 5)
   ema_decay         EMA of the student LoRA (exported); 0 = no EMA
   opt.<group>.lr    per group: student, fake, disc; opt.warmup_steps, weight_decay, b1, b2, grad_clip
-  mesh              (data, fsdp, tensor) sizes over all devices of all hosts; -1 fills
+  mesh              (data, fsdp, tensor) sizes over all devices of all hosts; -1 fills; laid out along the TPU
+                    torus, and on a multi-slice job data spans the slices (a multiple of their number)
   distributed       multi-host runs (`turbojax.distributed`): coordinator_address, num_processes, process_id,
                     local_device_ids, or auto (Cloud TPU / SLURM detection); timeout_s. Default: one process
 """

@@ -9,8 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-import numpy as np
-from jax.sharding import AxisType, Mesh
+from jax.sharding import Mesh
 
 from turbojax.sharding import MESH_AXES
 
@@ -66,34 +65,13 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def build_mesh(devices: list, sizes: dict[str, int], num_slices: int = 1) -> Mesh:
-    """The (data, fsdp, tensor) mesh over `devices` with Auto axes. With several slices the `data` axis spans them
-    (DCN) and must be a multiple of `num_slices`; `fsdp` and `tensor` stay inside a slice (ICI)."""
-    from jax.experimental import mesh_utils
-    sizes = dict(sizes)
-    n = len(devices)
-    known = int(np.prod([s for s in sizes.values() if s != -1]))
-    if -1 in sizes.values():
-        if n % known:
-            raise PlanError(f"--mesh {sizes}: {n} devices do not divide into it")
-        sizes[next(k for k, v in sizes.items() if v == -1)] = n // known
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    if int(np.prod(shape)) != n:
-        raise PlanError(f"--mesh {sizes} needs {int(np.prod(shape))} devices; the topology has {n}")
+    """The (data, fsdp, tensor) mesh over `devices`, laid out as a real run lays it out (`turbojax.sharding.make_mesh`:
+    Auto axes; with several slices the `data` axis spans them over DCN); its errors as PlanError."""
+    from turbojax.sharding import make_mesh
     try:
-        if num_slices > 1:
-            if shape[0] % num_slices:
-                raise PlanError(f"--mesh data={shape[0]} must be a multiple of --num-slices {num_slices} "
-                                "(the data axis spans the slices)")
-            ici = (shape[0] // num_slices, shape[1], shape[2])
-            arr = mesh_utils.create_hybrid_device_mesh(ici, (num_slices, 1, 1), devices,
-                                                       allow_split_physical_axes=True)
-        else:
-            arr = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-    except (NotImplementedError, ValueError, AssertionError) as e:
-        if isinstance(e, PlanError):
-            raise
-        raise PlanError(f"--mesh {sizes}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+        return make_mesh(*(sizes[a] for a in MESH_AXES), devices=devices, num_slices=num_slices)
+    except ValueError as e:
+        raise PlanError(f"--mesh {sizes}: {e}") from None
 
 
 def chip_of(devices: list) -> Chip:
