@@ -14,12 +14,13 @@ when the sequence fits one key block. Per-sample products (timestep MLP, modulat
 from __future__ import annotations
 
 import collections
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+
+from timing import best_ms
 
 Gemm = tuple[int, int, int]  # (M, K, N): [M, K] x [K, N]
 
@@ -79,17 +80,6 @@ def z_image_gemms(cfg, batch: int, n_img: int, n_txt: int) -> dict[Gemm, int]:
     return g
 
 
-def _best_ms(fn, iters: int) -> float:
-    fn()
-    fn()
-    best = float("inf")
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
-
-
 def gemm_floor(gemms: dict[Gemm, int], jdt, tdt, iters: int = 10) -> dict:
     """Sum over shapes of count x best time of one product, for JAX (jitted) and torch, in ms."""
     rng = np.random.default_rng(0)
@@ -100,8 +90,8 @@ def gemm_floor(gemms: dict[Gemm, int], jdt, tdt, iters: int = 10) -> dict:
         b = rng.standard_normal((k, n)).astype(np.float32)
         ja, jb = jnp.asarray(a, jdt), jnp.asarray(b, jdt)
         ta, tb = torch.tensor(a).to(tdt), torch.tensor(b).to(tdt)
-        t_jax = _best_ms(lambda: mm(ja, jb).block_until_ready(), iters)
-        t_torch = _best_ms(lambda: torch.matmul(ta, tb), iters)
+        t_jax = best_ms(lambda: mm(ja, jb).block_until_ready(), iters)
+        t_torch = best_ms(lambda: torch.matmul(ta, tb), iters)
         rows.append({"m": m, "k": k, "n": n, "count": count, "jax_ms": t_jax, "torch_ms": t_torch,
                      "jax_gflops": 2e-6 * m * k * n / t_jax, "torch_gflops": 2e-6 * m * k * n / t_torch})
         total["jax_ms"] += count * t_jax

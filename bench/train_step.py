@@ -38,7 +38,8 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import forward as fwdbench  # noqa: E402
-from gemm_floor import _best_ms, qwen_image_gemms, z_image_gemms  # noqa: E402
+from gemm_floor import qwen_image_gemms, z_image_gemms  # noqa: E402
+from timing import best_ms  # noqa: E402
 from op_profile import print_profile, profile_ops  # noqa: E402
 from turbojax.lora import init_adapter  # noqa: E402
 from turbojax.lora.unmerged import factors_of, make_role  # noqa: E402
@@ -247,8 +248,8 @@ def backward_floor(fwd_gemms: dict, jdt, tdt, iters: int) -> dict:
             jf, tf = dw, (lambda a, b: a.T @ b)
         ja, jb = jnp.asarray(a, jdt), jnp.asarray(b, jdt)
         ta, tb = torch.tensor(a).to(tdt), torch.tensor(b).to(tdt)
-        tj = _best_ms(lambda: jf(ja, jb).block_until_ready(), iters)
-        tt = _best_ms(lambda: tf(ta, tb), iters)
+        tj = best_ms(lambda: jf(ja, jb).block_until_ready(), iters)
+        tt = best_ms(lambda: tf(ta, tb), iters)
         rows.append({"kind": kind, "m": m, "k": k, "n": n, "count": c, "jax_ms": tj, "torch_ms": tt})
         total["jax_ms"] += c * tj
         total["torch_ms"] += c * tt

@@ -31,6 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from timing import best_ms  # noqa: E402
 from turbojax.models.vae_flux import conv_nhwc  # noqa: E402
 from turbojax.models.vae_qwen_image import AutoencoderKLQwenImage, QwenImageVAEConfig, _decode_fn  # noqa: E402
 
@@ -116,17 +117,6 @@ def traced_convs(vae: AutoencoderKLQwenImage, size: int) -> dict[Conv, int]:
     return g
 
 
-def _best_ms(fn, iters: int) -> float:
-    fn()
-    fn()
-    best = float("inf")
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
-
-
 def conv_floor(convs: dict[Conv, int], dtype, iters: int, with_torch: bool) -> dict:
     """Sum over shapes of count x best time of one convolution (JAX jitted, and torch channels-last), in ms."""
     rng = np.random.default_rng(0)
@@ -138,7 +128,7 @@ def conv_floor(convs: dict[Conv, int], dtype, iters: int, with_torch: bool) -> d
         p = ((k // 2, k // 2),) * 2
         fn = jax.jit(lambda x, wt, b, p=p: conv_nhwc(x, wt, b, padding=p, dtype=x.dtype))
         row = {"h": h, "w": w, "cin": ci, "cout": co, "k": k, "count": n,
-               "jax_ms": _best_ms(lambda: fn(x, wt, b).block_until_ready(), iters)}
+               "jax_ms": best_ms(lambda: fn(x, wt, b).block_until_ready(), iters)}
         flops = conv_flops({(h, w, ci, co, k): 1})
         row["jax_gflops"] = flops / row["jax_ms"] / 1e6
         total["jax_ms"] += n * row["jax_ms"]
@@ -151,7 +141,7 @@ def conv_floor(convs: dict[Conv, int], dtype, iters: int, with_torch: bool) -> d
                 memory_format=torch.channels_last)
             tb = torch.tensor(np.asarray(b, np.float32)).to(tdt)
             with torch.no_grad():
-                row["torch_ms"] = _best_ms(lambda: torch.nn.functional.conv2d(tx, tw, tb, padding=k // 2), iters)
+                row["torch_ms"] = best_ms(lambda: torch.nn.functional.conv2d(tx, tw, tb, padding=k // 2), iters)
             row["torch_gflops"] = flops / row["torch_ms"] / 1e6
             total["torch_ms"] += n * row["torch_ms"]
         rows.append(row)
@@ -164,7 +154,7 @@ def attention_floor(gemms: dict[Gemm, int], dtype, iters: int) -> float:
     total = 0.0
     for (m, k, n), c in gemms.items():
         a, b = (jnp.asarray(rng.standard_normal(s), dtype) for s in ((m, k), (k, n)))
-        total += c * _best_ms(lambda: mm(a, b).block_until_ready(), iters)
+        total += c * best_ms(lambda: mm(a, b).block_until_ready(), iters)
     return total
 
 
@@ -187,10 +177,10 @@ def run_config(name: str, base_dim: int, size: int, dname: str, a) -> dict:
     compile_s = time.perf_counter() - t0
     # The decode is timed before and after the floor and the best kept: the floor is measured in between, so
     # both see the same moments of this shared host as far as possible.
-    decode_ms = _best_ms(decode, a.iters)
+    decode_ms = best_ms(decode, a.iters)
     floor = conv_floor(convs, dtype, a.iters, a.torch)
     attn_ms = attention_floor(gemms, dtype, a.iters)
-    decode_ms = min(decode_ms, _best_ms(decode, a.iters))
+    decode_ms = min(decode_ms, best_ms(decode, a.iters))
     fl_conv, fl_attn = conv_flops(convs), gemm_flops(gemms)
     res = {"config": name, "base_dim": base_dim, "size": size, "dtype": dname, "compile_s": compile_s,
            "decode_ms": decode_ms, "conv_floor_ms": floor["jax_ms"], "attention_floor_ms": attn_ms,
