@@ -1,4 +1,5 @@
 """Test setup: 8 simulated CPU devices, hermetic Hugging Face, persistent compilation cache in the work tree."""
+import gc
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 _CACHE = Path(__file__).resolve().parent.parent / ".jax_cache"
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
@@ -45,3 +47,15 @@ def pytest_collection_modifyitems(session, config, items):
         nodeid = item.nodeid.split("/")[-1]
         return any(nodeid.startswith(t) for t in _LIBTPU_TESTS)
     items[:] = [i for i in items if not uses_libtpu(i)] + [i for i in items if uses_libtpu(i)]
+
+
+# Every compiled XLA:CPU executable keeps its machine code in its own memory mappings (~100-200 per compiled model),
+# and JAX's caches keep executables alive for the life of the process. Over the whole suite that passed the kernel's
+# per-process limit (vm.max_map_count, 65530 by default): the next mapping failed inside an XLA:CPU compile and the
+# run died with a segfault at ~95 %, in whichever test came next. Dropping the caches after each test file releases
+# them; a file's own tests still share its compiles.
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_executables():
+    yield
+    jax.clear_caches()
+    gc.collect()
