@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "digits.png)")
     d = p.add_argument_group("digits demo (no --model)")
     d.add_argument("--num", type=positive_int, help="number of digits (default 40); image i asks for class i %% 10")
-    d.add_argument("--method", help="a shipped student: turbopp, pcm_dmd2_gan, dmd2, dmd2_gan, arcflow, pcm "
+    d.add_argument("--method", help="a shipped student: dmd2_gan, turbopp, pcm_dmd2_gan, dmd2, arcflow, pcm "
                         "(default: the best shipped)")
     d.add_argument("--student", help="a train.py workdir holding lora.safetensors + sampler.json")
     d.add_argument("--teacher", action="store_true", help="sample the teacher (with --steps, --guidance)")

@@ -21,7 +21,7 @@ from turbojax.digits.model import ASSETS
 STUDENTS = ASSETS / "students"
 # the shipped students, best first (by bench/distill_quality.py's Frechet distance); the first one present is the
 # default of `python sample.py` (3 seeds x 1,000 digits; table in bench/README.md)
-PREFERENCE = ("turbopp", "pcm_dmd2_gan", "dmd2", "dmd2_gan", "arcflow", "pcm")
+PREFERENCE = ("dmd2_gan", "turbopp", "pcm_dmd2_gan", "dmd2", "arcflow", "pcm")
 PIPELINE_ONLY = ("config", "prompt", "prompts_file", "negative_prompt", "sigmas", "width", "height", "lora",
                  "noise", "tiled_decode")
 
