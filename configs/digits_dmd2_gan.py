@@ -33,8 +33,8 @@ def get_config(variant: str = "dmd2_gan"):
         c.lora[role].alpha = 16.0
     c.student.sigmas = (1.0, 0.75)
     c.dmd.real_cfg = TEACHER_GUIDANCE
-    # measured on the quality bench (3 seeds x 1,000): weight 0.2 with real digits as D's reals, FD 74.7; weight 0.05
-    # with teacher samples 81.3, with a 0.5 mix 79.6; 2,000 steps instead of 1,000 drift (FD 87-93: recall up, precision down)
+    # quality bench (3 seeds x 1,000): weight 0.2 with real digits as D's reals, FD 74.7; weight 0.05 with teacher
+    # samples 81.3, with a 0.5 mix 79.6; 2,000 steps instead of 1,000 drift (FD 87-93: recall up, precision down)
     c.gan.weight = 0.2 if variant == "dmd2_gan" else 0.0
     c.gan.depths = (0.5, 0.75, 1.0)
     c.gan.hidden = 64
