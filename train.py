@@ -291,6 +291,13 @@ def distill(cfg, workdir: Path) -> int:
     # ---------------------------------------------------------------------------------------------------------
     # The frozen base (teacher) and the data the turns read
     # ---------------------------------------------------------------------------------------------------------
+    from turbojax.data import buckets as buckets_lib
+    try:
+        if buckets_lib.from_config(cfg.data) and cfg.data.kind != "cache":
+            raise UserError(f"--config.data.buckets: aspect-ratio buckets need --config.data.kind cache (the "
+                            f"per-bucket real-image and teacher caches), not {cfg.data.kind!r}")
+    except buckets_lib.BucketError as e:
+        raise UserError(f"--config.{e}") from None
     if cfg.data.kind == "digits":
         from turbojax.digits import model as digits_model
         from turbojax.digits import training as digits_training
@@ -366,12 +373,22 @@ def distill(cfg, workdir: Path) -> int:
         raise UserError(f"--config: {e}") from None
     except OSError as e:  # e.g. a missing --config.init_student_lora file
         raise UserError(f"--config: {e.filename or ''}: {e.strerror or e}") from None
+    # Aspect-ratio buckets: each bucket's turns are the method's, built for its latent shape (same trainables, same
+    # optimisers, one shared state); the engine runs the step of the bucket each batch names
+    bucket_turns = {}
+    for name, shape in (getattr(batches, "latent_shapes", None) or {}).items():
+        bdino = dino_disc.at_latent_shape(dino, shape) if dino is not None else None
+        bucket_turns[name] = methods.build(cfg, base, shape, jax.random.key(cfg.seed + 1), cap_len=cap_len,
+                                           dino=bdino).turns
+    if bucket_turns:
+        say(f"aspect-ratio buckets: {', '.join(bucket_turns)} (steps drawn by their share of the reals)")
     frozen = method.frozen(frozen)  # the base state (+ the DINO discriminator's frozen arrays)
     # Trainables, optimiser states and EMA laid out like the base weights they adapt; every step jitted with explicit
     # in/out shardings and the state donated
     plan = sharded.plan(mesh, method.turns, method.txs, method.params, frozen)
     frozen = distributed.put(frozen, plan.frozen)  # = plan.put_frozen, also from arrays each host loaded
-    engine = Engine(method.turns, method.txs, float(cfg.ema_decay), seed=int(cfg.seed), shardings=plan)
+    engine = Engine(method.turns, method.txs, float(cfg.ema_decay), seed=int(cfg.seed), shardings=plan,
+                    bucket_turns=bucket_turns)
     state = engine.init_state(method.params)
     n_train = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(state["params"]))
     say(f"method {method.name}: {n_train / 1e6:.3f}M trainable params in {sorted(state['params'])}; turns "
@@ -393,9 +410,12 @@ def distill(cfg, workdir: Path) -> int:
     def batch_for(turn: str, it: int):
         """The global batch of `turn` at `it`, assembled from this host's rows."""
         local = {k: np.asarray(v) for k, v in batches.batch(turn, it).items() if k != "prompt"}
+        bucket = local.pop("bucket", None)  # aspect-ratio buckets: the engine runs this bucket's step
         shapes = {k: jax.ShapeDtypeStruct((int(cfg.batch_size),) + v.shape[1:], v.dtype) for k, v in local.items()}
         batch = distributed.global_batch(local, plan.batch(shapes), int(cfg.batch_size))
         batch["iteration"] = np.asarray(it, np.int32)  # for losses with schedules (ArcFlow's teacher share)
+        if bucket is not None:
+            batch["bucket"] = str(bucket)
         return batch
 
     def host_state():

@@ -27,7 +27,8 @@ def __dir__():
 
 
 def training_data(cfg, workdir, *, progress=print, mesh=None):
-    """(batches, frozen transformer, latent shape of one sample, caption length) for a distillation run: the caches
+    """(batches, frozen transformer, latent shape of one sample, caption length) for a distillation run (with
+    aspect-ratio buckets `batches.latent_shapes` maps each bucket to its latent shape): the caches
     the config needs are built first when missing (the pipeline is then loaded once and its text encoder and VAE
     dropped); otherwise only the transformer is loaded. With `mesh`, the weights are read shard by shard onto it
     (no host holds the whole model)."""
@@ -71,12 +72,15 @@ def training_data(cfg, workdir, *, progress=print, mesh=None):
                                          mesh=mesh)
         except (ValueError, OSError) as e:
             raise UserError(f"--config.init_from {cfg.init_from}: {e}") from None
-    mcfg = base.config
-    h, w = int(cfg.data.height), int(cfg.data.width)
-    if batches.family == "qwen_image":
-        latent_shape = ((h // 16) * (w // 16), mcfg.in_channels)
-    else:
-        latent_shape = (mcfg.in_channels, 1, h // 8, w // 8)
+    from turbojax.data import buckets
+    from turbojax.distill.denoiser import latent_shape_for
+    channels = base.config.in_channels
+    sizes = buckets.from_config(cfg.data)
+    # with aspect-ratio buckets: one latent shape per bucket (train.py builds each bucket's steps); the first
+    # bucket's is the run's default shape
+    batches.latent_shapes = {buckets.name(s): latent_shape_for(batches.family, channels, s[1], s[0]) for s in sizes}
+    h, w = (sizes[0][1], sizes[0][0]) if sizes else (int(cfg.data.height), int(cfg.data.width))
+    latent_shape = latent_shape_for(batches.family, channels, h, w)
     progress(f"{batches.num_prompts} prompts from the text cache {folders['text']}"
              + "".join(f", {k} cache {v}" for k, v in folders.items() if k != "text"))
     return batches, base, latent_shape, batches.cap_len

@@ -41,8 +41,9 @@ def main(argv: list[str]) -> int:
         raise UserError(str(e)) from None
     except ValueError as e:
         raise UserError(f"--config.init_from {cfg.init_from}: {e}") from None
-    for k in kinds:
-        print(f"{k}: {folders[k]}")
+    for k, folder in folders.items():  # with aspect-ratio buckets: one latents / teacher cache per bucket
+        if k.split("@")[0] in kinds:
+            print(f"{k}: {folder}")
     return 0
 
 

@@ -11,6 +11,11 @@
              `seed + 7919 + i`, as the start-up path). Key: transformer and scheduler fingerprints, steps, CFG,
              seed, resolution, count, dtype and the text cache's key.
 
+With aspect-ratio buckets (`data.buckets`, see `turbojax.data.buckets`) the latents and teacher caches are one per
+bucket, named `latents@WxH` / `teacher@WxH` in the folders `ensure` returns: each real image is encoded at the bucket
+nearest its aspect ratio (`image` then indexes that bucket's sources), and the teacher samples split evenly over the
+buckets (bucket i: ceil(n / buckets) samples of prompts 0, 1, ... with noise seeds offset by i times that count).
+
 Prompts within a text shard are encoded sorted by length (fewer padded columns per batch) and put back in order;
 every shard depends only on its record range, so a resumed build equals an uninterrupted one.
 """
@@ -62,8 +67,10 @@ def image_sources(cfg) -> list[tuple[Path, int]]:
     return out
 
 
-def latent_fields(cfg, sources) -> dict:
+def latent_fields(cfg, sources, size: tuple[int, int] | None = None) -> dict:
+    """`size` (width, height): an aspect-ratio bucket's resolution (default data.width x data.height)."""
     folder = Path(cfg.init_from)
+    w, h = size or (int(cfg.data.width), int(cfg.data.height))
     listing = hashlib.sha256()
     for p, i in sources:
         try:
@@ -72,18 +79,24 @@ def latent_fields(cfg, sources) -> dict:
         except OSError:
             listing.update(f"{p}|{i}|missing\n".encode())
     return {"family": family_of(folder), "vae": store.folder_fingerprint(folder / "vae"),
-            "width": int(cfg.data.width), "height": int(cfg.data.height), "mode": str(cfg.data.latent_mode),
+            "width": int(w), "height": int(h), "mode": str(cfg.data.latent_mode),
             "seed": int(cfg.seed) if cfg.data.latent_mode == "sample" else None, "images": listing.hexdigest(),
             "count": len(sources), "shard_size": int(cfg.data.cache_shard_size)}
 
 
-def teacher_fields(cfg, text_key: str) -> dict:
+def teacher_fields(cfg, text_key: str, size: tuple[int, int] | None = None, count: int | None = None,
+                   seed_offset: int = 0) -> dict:
+    """`size`, `count`, `seed_offset`: one aspect-ratio bucket's share of the samples (see `ensure`)."""
     folder = Path(cfg.init_from)
-    return {"family": family_of(folder), "transformer": store.folder_fingerprint(folder / "transformer"),
+    w, h = size or (int(cfg.data.width), int(cfg.data.height))
+    fields = {"family": family_of(folder), "transformer": store.folder_fingerprint(folder / "transformer"),
             "scheduler": store.folder_fingerprint(folder / "scheduler"), "steps": int(cfg.data.teacher_steps),
-            "cfg": float(cfg.dmd.real_cfg), "seed": int(cfg.seed), "width": int(cfg.data.width),
-            "height": int(cfg.data.height), "count": int(cfg.data.teacher_samples), "dtype": str(cfg.dtype),
+            "cfg": float(cfg.dmd.real_cfg), "seed": int(cfg.seed), "width": int(w), "height": int(h),
+            "count": int(cfg.data.teacher_samples if count is None else count), "dtype": str(cfg.dtype),
             "text": text_key, "shard_size": int(cfg.data.cache_shard_size)}
+    if seed_offset:
+        fields["seed_offset"] = int(seed_offset)
+    return fields
 
 
 # ---- builders -------------------------------------------------------------------------------------------------
@@ -147,10 +160,11 @@ def latent_layout(pipe, z_nchw):
 
 
 def build_latents(cfg, folder: Path, fields: dict, pipe, sources, *, progress=print) -> dict:
+    """`sources`: [(path, prompt index or -1)], encoded at the resolution of `fields` (width, height)."""
     import jax
     import jax.numpy as jnp
     from turbojax.data.images import BadImage, load_image
-    size, w, h = int(cfg.data.cache_shard_size), int(cfg.data.width), int(cfg.data.height)
+    size, w, h = int(cfg.data.cache_shard_size), int(fields["width"]), int(fields["height"])
     batch, sample = int(cfg.data.encode_batch), cfg.data.latent_mode == "sample"
     shape = _latent_shape(pipe, h, w)
 
@@ -197,8 +211,9 @@ def _latent_shape(pipe, h: int, w: int) -> tuple:
 def build_teacher(cfg, folder: Path, fields: dict, pipe, text_folder: Path, *, progress=print) -> dict:
     from turbojax.cache.records import TextRecords
     recs = TextRecords(text_folder)
-    size, n = int(cfg.data.cache_shard_size), int(cfg.data.teacher_samples)
-    h, w, batch = int(cfg.data.height), int(cfg.data.width), int(cfg.data.encode_batch)
+    size, n = int(cfg.data.cache_shard_size), int(fields["count"])
+    h, w, batch = int(fields["height"]), int(fields["width"]), int(cfg.data.encode_batch)
+    seed = int(cfg.seed) + 7919 + int(fields.get("seed_offset", 0))
     sig = pipe.sigmas(int(cfg.data.teacher_steps), h, w)
     P = recs.num_prompts
 
@@ -215,7 +230,7 @@ def build_teacher(cfg, folder: Path, fields: dict, pipe, text_folder: Path, *, p
         out = []
         for b in range(lo, hi, batch):
             ids = [k % P for k in range(b, min(b + batch, hi))]
-            noise = np.concatenate([np.asarray(pipe.noise(int(cfg.seed) + 7919 + k, 1, h, w))
+            noise = np.concatenate([np.asarray(pipe.noise(seed + k, 1, h, w))
                                     for k in range(b, b + len(ids))])
             x = pipe.denoise(noise, cond([recs.prompt(p) for p in ids]), cond([recs.negative_of(p) for p in ids]),
                              sig, height=h, width=w, guidance=float(cfg.dmd.real_cfg))
@@ -223,7 +238,8 @@ def build_teacher(cfg, folder: Path, fields: dict, pipe, text_folder: Path, *, p
             out.append(x if pipe.family == "qwen_image" else x[:, :, None])
         return {"latent": np.concatenate(out), "prompt": np.arange(lo, hi, dtype=np.int32) % P}, {"records": hi - lo}
 
-    progress(f"teacher cache: {n} samples ({cfg.data.teacher_steps} steps, CFG {cfg.dmd.real_cfg}) of {P} prompts")
+    progress(f"teacher cache: {n} samples at {w}x{h} ({cfg.data.teacher_steps} steps, CFG {cfg.dmd.real_cfg}) of "
+             f"{P} prompts")
     return store.build(folder, "teacher", fields, {"teacher": _shards(n, size)}, make, progress=progress,
                        desc="teacher samples")
 
@@ -246,6 +262,19 @@ def check(cfg) -> None:
             raise store.CacheError(f"--config.data.{k} must be >= 1, got {cfg.data[k]}")
     if cfg.data.latent_mode not in ("mean", "sample"):
         raise store.CacheError(f"--config.data.latent_mode must be 'mean' or 'sample', got {cfg.data.latent_mode!r}")
+    try:
+        from turbojax.data import buckets
+        buckets.from_config(cfg.data)
+    except buckets.BucketError as e:
+        raise store.CacheError(f"--config.{e}") from None
+
+
+def bucket_sizes(cfg) -> dict[str, tuple[int, int] | None]:
+    """{suffix of the cache names: (width, height)}: {"": None} (one resolution, data.width x data.height) or, with
+    aspect-ratio buckets, {"@WxH": (W, H)} per bucket in the listed order."""
+    from turbojax.data import buckets
+    sizes = buckets.from_config(cfg.data)
+    return {f"@{buckets.name(s)}": s for s in sizes} if sizes else {"": None}
 
 
 def needed(cfg) -> tuple[str, ...]:
@@ -269,18 +298,34 @@ def ensure(cfg, root: Path, kinds=("text",), *, progress: Callable[[str], None] 
     tf = text_fields(cfg)
     folders["text"] = store.locate(root, "text", tf, progress=progress)
     todo.append(("text", tf))
+    sizes = bucket_sizes(cfg)
     if "latents" in kinds:
         sources = image_sources(cfg)
         if not sources:
             raise store.CacheError("the latents cache needs real images: --config.data.images (a folder) or "
                                    "`image` fields in the JSONL prompt file")
-        lf = latent_fields(cfg, sources)
-        folders["latents"] = store.locate(root, "latents", lf, progress=progress)
-        todo.append(("latents", lf))
+        per_bucket = {"": sources}
+        if len(sizes) > 1 or "" not in sizes:  # each image to the bucket nearest its aspect ratio
+            from turbojax.data import buckets
+            where = buckets.assign([p for p, _ in sources], list(sizes.values()))
+            per_bucket = {sfx: [src for src, b in zip(sources, where) if b == i] for i, sfx in enumerate(sizes)}
+            progress("aspect-ratio buckets of the real images: " + ", ".join(
+                f"{sfx[1:]} {len(v)}" for sfx, v in per_bucket.items()))
+        sources = {}
+        for sfx, src in per_bucket.items():
+            if not src:  # a bucket without images has no latents cache (its batches draw teacher samples)
+                continue
+            lf = latent_fields(cfg, src, sizes[sfx])
+            folders["latents" + sfx] = store.locate(root, "latents", lf, progress=progress)
+            todo.append(("latents" + sfx, lf))
+            sources["latents" + sfx] = src
     if "teacher" in kinds:
-        thf = teacher_fields(cfg, store.key_of(tf))
-        folders["teacher"] = store.locate(root, "teacher", thf, progress=progress)
-        todo.append(("teacher", thf))
+        n, k = int(cfg.data.teacher_samples), len(sizes)
+        for i, (sfx, size) in enumerate(sizes.items()):  # the samples split evenly over the buckets
+            count = -(-n // k) if sfx else None
+            thf = teacher_fields(cfg, store.key_of(tf), size, count, seed_offset=i * (count or 0))
+            folders["teacher" + sfx] = store.locate(root, "teacher", thf, progress=progress)
+            todo.append(("teacher" + sfx, thf))
     todo = [(k, f) for k, f in todo if not store.is_complete(folders[k])]
     if not todo:
         return folders
@@ -293,8 +338,8 @@ def ensure(cfg, root: Path, kinds=("text",), *, progress: Callable[[str], None] 
     for kind, fields in todo:
         if kind == "text":
             build_text(cfg, folders[kind], fields, pipe, progress=progress)
-        elif kind == "latents":
-            build_latents(cfg, folders[kind], fields, pipe, sources, progress=progress)
+        elif kind.startswith("latents"):
+            build_latents(cfg, folders[kind], fields, pipe, sources[kind], progress=progress)
         else:
             build_teacher(cfg, folders[kind], fields, pipe, folders["text"], progress=progress)
         progress(f"{kind} cache ready in {folders[kind]}")

@@ -11,6 +11,10 @@ batches of `batch_size` (the last one filled up with random members of its bucke
 epoch and every batch has one caption length. Which batch comes at a step is grain's `IndexSampler` (a seeded
 shuffle of the epoch's batches, reshuffled every epoch); epoch = step // batches per epoch.
 
+Aspect-ratio buckets (`data.buckets`): the reals come from per-bucket caches; the bucket of a batch is drawn from
+(seed, stream, step) in proportion to the bucket's reals (`turbojax.data.buckets.pick`), the batch says which
+(`bucket`: "WxH") and its `real` rows come from that bucket's pools. The prompts do not depend on the bucket.
+
 Each host reads only its slice of every global batch (`process_index`, `process_count`): rows
 `[h * B/H, (h+1) * B/H)`. The prompt embeddings are read through a grain `MapDataset` over the memory-mapped shards.
 
@@ -30,7 +34,10 @@ from turbojax.cache.records import LatentRecords, TextRecords
 
 class CacheBatches:
     def __init__(self, text_folder, *, batch_size: int, seed: int = 0, teacher_folder=None, latents_folder=None,
-                 real_mix: float = 0.0, bucket: int = 64, process_index: int = 0, process_count: int = 1):
+                 real_mix: float = 0.0, bucket: int = 64, process_index: int = 0, process_count: int = 1,
+                 image_buckets: dict[str, dict] | None = None):
+        """`image_buckets`: aspect-ratio buckets {"WxH": {"teacher": folder, "latents": folder}} (either may be
+        absent) instead of `teacher_folder` / `latents_folder`; every batch then names its bucket (`"bucket"`)."""
         import grain
         if batch_size < 1 or batch_size % process_count:
             raise ValueError(f"batch_size {batch_size} must be a positive multiple of the {process_count} hosts")
@@ -48,19 +55,51 @@ class CacheBatches:
         self.bucket_of = self._round(lens)
         self.buckets = {int(b): np.flatnonzero(self.bucket_of == b) for b in np.unique(self.bucket_of)}
         self.batches_per_epoch = sum(-(-len(m) // self.batch_size) for m in self.buckets.values())
-        self.pools = {}
-        for name, folder, kind in (("teacher", teacher_folder, "teacher"), ("real", latents_folder, "latents")):
+        if image_buckets is not None and (teacher_folder is not None or latents_folder is not None):
+            raise ValueError("give the reals' folders per bucket (image_buckets) or once, not both")
+        folders = image_buckets if image_buckets is not None else \
+            {"": {"teacher": teacher_folder, "latents": latents_folder}}
+        if not folders:
+            raise ValueError("image_buckets: no bucket")
+        self.bucket_names = [b for b in folders if b]  # [] without buckets
+        self.bucket_pools = {b: self._pools(f) for b, f in folders.items()}
+        want = [n for n, share in (("real", self.real_mix), ("teacher", 1.0 - self.real_mix)) if share > 0]
+        have = {n for p in self.bucket_pools.values() for n in p}
+        if have and any(n not in have for n in want):
+            raise ValueError(f"the discriminator's reals need the pool(s) {[n for n in want if n not in have]}"
+                             f" (real_mix={real_mix})")
+        # a step's bucket is drawn in proportion to its reals (each real seen about equally often); buckets without
+        # reals are never drawn when others have some; without any reals (no GAN) the buckets are equally likely
+        sizes = [sum(len(r) for n, (r, _) in self.bucket_pools[b].items() if n in want) for b in folders]
+        if not any(sizes):
+            sizes = [sum(len(r) for r, _ in self.bucket_pools[b].values()) for b in folders]
+        self.bucket_weights = sizes if any(sizes) else [1] * len(sizes)
+        neg_max = int(self._round(self.text.negatives.lengths).max())
+        self.cap_len = max(int(self.bucket_of.max()), neg_max)  # the longest batch any step can return
+
+    @staticmethod
+    def _pools(folders: dict) -> dict:
+        pools = {}
+        for name, kind in (("teacher", "teacher"), ("real", "latents")):
+            folder = folders.get(kind)
             if folder is not None:
                 recs = LatentRecords(folder, kind, "teacher" if kind == "teacher" else "real")
                 if len(recs):
                     by = {int(p): np.flatnonzero(recs.prompt == p) for p in np.unique(recs.prompt) if p >= 0}
-                    self.pools[name] = (recs, by)
-        want = [n for n, share in (("real", self.real_mix), ("teacher", 1.0 - self.real_mix)) if share > 0]
-        if self.pools and any(n not in self.pools for n in want):
-            raise ValueError(f"the discriminator's reals need the pool(s) {[n for n in want if n not in self.pools]}"
-                             f" (real_mix={real_mix})")
-        neg_max = int(self._round(self.text.negatives.lengths).max())
-        self.cap_len = max(int(self.bucket_of.max()), neg_max)  # the longest batch any step can return
+                    pools[name] = (recs, by)
+        return pools
+
+    @property
+    def pools(self) -> dict:
+        """The reals of the one resolution (no buckets)."""
+        return self.bucket_pools.get("", {})
+
+    def image_bucket(self, stream: str, step: int) -> str:
+        """The aspect-ratio bucket ("WxH") of `stream`'s batch at `step`; "" without buckets."""
+        if not self.bucket_names:
+            return ""
+        from turbojax.data import buckets
+        return self.bucket_names[buckets.pick(self.seed, stream, step, self.bucket_weights)]
 
     def _round(self, lens):
         b = self.bucket
@@ -106,10 +145,11 @@ class CacheBatches:
             mask[:] = 1.0
         return out, mask
 
-    def _real(self, rng, prompt: int):
-        name = "real" if ("real" in self.pools and rng.random() < self.real_mix) or "teacher" not in self.pools \
+    def _real(self, rng, prompt: int, pools: dict):
+        """One row's real from the batch's bucket: the prompt's own sample when the pool has one, else any."""
+        name = "real" if ("real" in pools and rng.random() < self.real_mix) or "teacher" not in pools \
             else "teacher"
-        recs, by_prompt = self.pools[name]
+        recs, by_prompt = pools[name]
         idx = by_prompt.get(prompt)
         return recs[rng.choice(idx) if idx is not None else rng.integers(len(recs))]
 
@@ -129,17 +169,30 @@ class CacheBatches:
         out = {"prompt": ids.astype(np.int64)}
         out["ctx"], out["mask"] = self._pad(rows, n)
         out["neg_ctx"], out["neg_mask"] = self._pad(negs, n)
-        if self.pools:
+        bucket = self.image_bucket(stream, step)
+        pools = self.bucket_pools[bucket]
+        if pools:
             out["real"] = np.stack([np.asarray(self._real(np.random.default_rng(
-                [self.seed, zlib.crc32(stream.encode()), int(step), 1, lo + i]), int(p)), np.float32)
+                [self.seed, zlib.crc32(stream.encode()), int(step), 1, lo + i]), int(p), pools), np.float32)
                 for i, p in enumerate(ids)])
+        if bucket:
+            out["bucket"] = bucket
         return out
 
 
 def from_config(cfg, folders: dict[str, Path]) -> CacheBatches:
+    """The batches of a run from `build.ensure`'s folders (with buckets: `latents@WxH`, `teacher@WxH`)."""
     import jax
+    from turbojax.data import buckets
+    sizes = buckets.from_config(cfg.data)
+    per_bucket = None
+    if sizes:
+        per_bucket = {buckets.name(s): {k: folders.get(f"{k}@{buckets.name(s)}") for k in ("teacher", "latents")}
+                      for s in sizes}
+    has_latents = any(k.split("@")[0] == "latents" for k in folders)
     return CacheBatches(folders["text"], batch_size=int(cfg.batch_size), seed=int(cfg.seed),
-                        teacher_folder=folders.get("teacher"), latents_folder=folders.get("latents"),
-                        real_mix=float(cfg.gan.real_mix) if "latents" in folders else 0.0,
+                        teacher_folder=None if sizes else folders.get("teacher"),
+                        latents_folder=None if sizes else folders.get("latents"), image_buckets=per_bucket,
+                        real_mix=float(cfg.gan.real_mix) if has_latents else 0.0,
                         bucket=int(cfg.data.cache_bucket), process_index=jax.process_index(),
                         process_count=jax.process_count())

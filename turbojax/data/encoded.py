@@ -56,8 +56,9 @@ def prompt_batches(cfg, pipe, *, progress=print):
         ctx, mask, neg_ctx, neg_mask = (_pad_len(a, n) for a in (ctx, mask, neg_ctx, neg_mask))
         mask, neg_mask = np.ones_like(mask), np.ones_like(neg_mask)
     h, w = int(cfg.data.height), int(cfg.data.width)
+    from turbojax.distill.denoiser import latent_shape_for
     shape = pipe.noise_shape(1, h, w)[1:]
-    latent_shape = tuple(shape) if pipe.family == "qwen_image" else (shape[0], 1, *shape[1:])
+    latent_shape = latent_shape_for(pipe.family, shape[-1] if pipe.family == "qwen_image" else shape[0], h, w)
     reals = {}
     n_teacher = int(cfg.data.teacher_samples)
     if (cfg.gan.weight > 0 or cfg.get("method") == "pcm") and n_teacher > 0:  # PCM noises data

@@ -42,6 +42,10 @@ Every field, with the published values it follows (shared docs `distillation.md`
   data.latent_mode  "mean" (the VAE posterior mean) or "sample" (seeded by `seed`, per image)
   data.cache_shard_size  records per shard; data.encode_batch  batch of the text encoder / VAE / teacher sampler
   data.cache_bucket Qwen-Image text buckets (lengths rounded up to this); Z-Image batches use exact lengths
+  data.buckets      aspect-ratio buckets, "WxH,WxH,..." (multiples of 16; data.kind "cache"; "" = off): each real
+                    image is cropped to the bucket nearest its aspect ratio, teacher samples split over the buckets,
+                    and every batch trains at one bucket's resolution, drawn by its share of the reals
+                    (`turbojax/data/buckets.py`); the first bucket replaces data.width x data.height
   ttur_ratio        critic turns per generator turn (FastGen: 5)
   ema_decay         EMA of the student LoRA (exported); 0 = no EMA
   opt.<group>.lr    per group: student, fake, disc; opt.warmup_steps, weight_decay, b1, b2, grad_clip
@@ -96,7 +100,7 @@ def dmd2_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(kind="prompts", prompts="", negative_prompt=" ", max_sequence_length=512,
                                             teacher_samples=64, teacher_samples_per_class=16, teacher_steps=50,
                                             width=1024, height=1024, cache_dir="", images="", latent_mode="mean",
-                                            cache_shard_size=1024, encode_batch=16, cache_bucket=64,
+                                            cache_shard_size=1024, encode_batch=16, cache_bucket=64, buckets="",
                                             tfds_dir="", tfds_key=""))
     c.batch_size = 4
     c.total_steps = 5000

@@ -63,15 +63,45 @@ def taps_at_depths(depths: Sequence[float], num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(set(out)))
 
 
+class PackedShape(tuple):
+    """Qwen-Image's packed latent shape `(N, 64)` that also knows its patch grid `(H/16, W/16)`: N alone cannot tell
+    768x1024 from 1024x768 (or from a square). Behaves as the plain tuple everywhere else."""
+    grid: tuple[int, int]
+
+    def __new__(cls, grid: Sequence[int], channels: int):
+        self = super().__new__(cls, (int(grid[0]) * int(grid[1]), int(channels)))
+        self.grid = (int(grid[0]), int(grid[1]))
+        return self
+
+    def __reduce__(self):
+        return PackedShape, (self.grid, self[1])
+
+
+def latent_shape_for(family: str, in_channels: int, height: int, width: int) -> tuple:
+    """One sample's latent shape in the model layout at `height` x `width` pixels (multiples of 16)."""
+    if family == "qwen_image":
+        return PackedShape((height // 16, width // 16), in_channels)
+    return (int(in_channels), 1, height // 8, width // 8)
+
+
+def qwen_grid(latent_shape: Sequence[int]) -> tuple[int, int]:
+    """The patch grid of a packed Qwen-Image latent shape: its own (a `PackedShape`), else square."""
+    grid = getattr(latent_shape, "grid", None)
+    if grid is not None:
+        return grid
+    n = int(latent_shape[0])
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise ValueError(f"Qwen-Image latents of {n} tokens: not a square grid; pass "
+                         "latent_shape_for('qwen_image', channels, height, width)")
+    return side, side
+
+
 def denoiser_for(model, latent_shape: Sequence[int], cap_len: int | None = None):
     """The adapter for `model` given one sample's latent shape in the model layout."""
     fam = getattr(model, "family", None)
     if fam == "qwen_image":
-        n = latent_shape[0]
-        side = int(round(n ** 0.5))
-        if side * side != n:
-            raise ValueError(f"Qwen-Image latents of {n} tokens: pass a square grid or build QwenImageDenoiser(grid)")
-        return QwenImageDenoiser((side, side))
+        return QwenImageDenoiser(qwen_grid(latent_shape))
     if fam == "toy":
         from turbojax.distill.toy import ToyDenoiser
         return ToyDenoiser()

@@ -228,9 +228,17 @@ def _check_size(cfg, patch: int):
 
 def image_hw(family: str, latent_shape: Sequence[int]) -> tuple[int, int]:
     if family == "qwen_image":
-        side = int(round(latent_shape[0] ** 0.5))
-        return 16 * side, 16 * side
+        from turbojax.distill.denoiser import qwen_grid
+        gh, gw = qwen_grid(latent_shape)
+        return 16 * gh, 16 * gw
     return VAE_SCALE * int(latent_shape[-2]), VAE_SCALE * int(latent_shape[-1])
+
+
+def at_latent_shape(loaded: LoadedDino, latent_shape) -> LoadedDino:
+    """The same DINO discriminator (same frozen arrays, no copy) decoding latents of another shape: one per
+    aspect-ratio bucket."""
+    gan = dataclasses.replace(loaded.gan, image_hw=image_hw(loaded.gan.family, latent_shape))
+    return dataclasses.replace(loaded, gan=gan)
 
 
 def load(cfg, base_model, latent_shape, *, vae=None, progress: bool = False) -> LoadedDino:

@@ -119,15 +119,25 @@ class Engine:
     """The turns of a method with their optimisers and jitted steps; `iteration` runs the turns due at step i."""
 
     def __init__(self, turns: Sequence[Turn], txs: Mapping[str, optax.GradientTransformation],
-                 ema_decay: float = 0.0, seed: int = 0, shardings=None):
+                 ema_decay: float = 0.0, seed: int = 0, shardings=None,
+                 bucket_turns: Mapping[str, Sequence[Turn]] | None = None):
         """`shardings`: a `sharded.StepShardings` (`sharded.plan(mesh, turns, txs, params, frozen)`) to run on a
         mesh; the frozen argument must then be placed with `shardings.put_frozen` (committed arrays elsewhere are
-        refused by the jitted steps)."""
+        refused by the jitted steps). `bucket_turns`: aspect-ratio buckets, {"WxH": the same turns (names, groups,
+        schedule) with losses built for that bucket's latent shape}; a batch that names its bucket (`"bucket"`)
+        runs that bucket's step, on the one shared state."""
         names = [t.name for t in turns]
         if len(set(names)) != len(names):
             raise ValueError(f"turn names must be unique, got {names}")
         self.turns, self.txs, self.seed, self.shardings = tuple(turns), dict(txs), seed, shardings
         self.steps = {t.name: make_step(t, self.txs[t.name], ema_decay, shardings=shardings) for t in turns}
+        self.bucket_steps = {}
+        for b, bturns in (bucket_turns or {}).items():
+            sig = [(t.name, t.groups, t.every, t.ema) for t in bturns]
+            if sig != [(t.name, t.groups, t.every, t.ema) for t in turns]:
+                raise ValueError(f"bucket {b}: its turns {sig} differ from the method's; only the losses may")
+            self.bucket_steps[b] = {t.name: make_step(t, self.txs[t.name], ema_decay, shardings=shardings)
+                                    for t in bturns}
 
     def init_state(self, params: Mapping) -> dict:
         """The initial state; on a mesh it is born sharded (the params are moved onto their shardings first, from
@@ -148,6 +158,14 @@ class Engine:
         prompt streams for the generator and the critic). Returns (state, metrics of the turns that ran)."""
         metrics = {}
         for i, turn in self.due(it):
-            state, m = self.steps[turn.name](state, frozen, batches(turn.name), turn_key(self.seed, it, i))
+            batch = dict(batches(turn.name))
+            bucket = batch.pop("bucket", None)
+            if bucket is None:
+                step = self.steps[turn.name]
+            elif bucket in self.bucket_steps:
+                step = self.bucket_steps[bucket][turn.name]
+            else:
+                raise ValueError(f"batch of bucket {bucket!r}, but the engine's buckets are {sorted(self.bucket_steps)}")
+            state, m = step(state, frozen, batch, turn_key(self.seed, it, i))
             metrics.update(m)
         return state, metrics
