@@ -95,6 +95,28 @@ def test_decode_matches_pipeline(pipes, dino_folder, family):
     assert [f.shape for f in feats] == [(2, 1 + 16, 32)] * 3  # 16 x 16 input, patch 4
 
 
+@pytest.mark.parametrize("family", ["qwen_image", "z_image"])
+def test_an_aspect_ratio_bucket_decodes_like_the_pipeline(pipes, dino_folder, family):
+    """`at_latent_shape` (one discriminator per aspect-ratio bucket) shares the frozen arrays and decodes a
+    non-square latent exactly as the pipeline does at that width and height."""
+    from turbojax import pipelines
+    from turbojax.distill import dino_disc
+    from turbojax.distill.denoiser import latent_shape_for
+    _, _, frozen, batch, loaded = _setup(family, pipes[family], dino_folder)
+    channels = batch["real"].shape[-1] if family == "qwen_image" else batch["real"].shape[1]
+    shape = latent_shape_for(family, channels, 32, 48)  # height 32, width 48
+    wide = dino_disc.at_latent_shape(loaded, shape)
+    assert wide.arrays is loaded.arrays and wide.gan.image_hw == (32, 48) and loaded.gan.image_hw == (PX, PX)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, *shape)), jnp.float32)
+    ours = wide.gan.images(frozen.vae, x)
+    assert ours.shape == (2, 32, 48, 3)
+    pipe = pipelines.from_diffusers(pipes[family], progress=False)
+    ref = pipe.decode(x if family == "qwen_image" else x[:, :, 0], height=32, width=48, tiled=False)
+    q = np.round(np.clip(np.asarray(ours) / 2 + 0.5, 0, 1) * 255).astype(np.int32)
+    assert np.abs(q - ref.astype(np.int32)).max() <= 1
+    assert [f.shape for f in wide.gan.features(frozen, x)] == [(2, 1 + 16, 32)] * 3  # resized to the DINO size
+
+
 @pytest.mark.parametrize("family,method_name", [("qwen_image", "dmd2"), ("z_image", "turbopp")])
 def test_gan_term_alone_reaches_the_student(pipes, dino_folder, family, method_name):
     """DMD2 (DMD term off) and Turbo++ (boundary loss off, no DMD): the generator's loss is the DINO GAN term alone,
