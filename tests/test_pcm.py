@@ -101,6 +101,29 @@ def test_consistency_pair_matches_its_definition():
     np.testing.assert_allclose(metrics["cm"], L.pseudo_huber(pred, target, m.settings.huber_c), rtol=1e-5)
 
 
+def test_adv_reals_data_judges_the_data_at_the_same_time():
+    """`pcm.adv_reals`: "target" re-noises the consistency target (PCM); "data" noises the batch's data to the same
+    `s_adv` with the same noise; the fakes are the same in both."""
+    pred, target, x0 = (jax.random.normal(jax.random.key(i), (6, 2)) for i in range(3))
+    aux = {"sigma": jnp.asarray([0.9, 0.8, 0.5, 0.3, 0.95, 0.1]),
+           "sigma_edge": jnp.asarray([0.75, 0.75, 0.0, 0.0, 0.75, 0.0])}
+    key = jax.random.key(5)
+    s_t = pcm.PCMSettings(edges=(1.0, 0.75), adv_reals="target")
+    s_d = pcm.PCMSettings(edges=(1.0, 0.75), adv_reals="data")
+    f_t, r_t, s_adv = pcm._adv_inputs(pred, target, aux, key, s_t, x0)
+    f_d, r_d, s_adv_d = pcm._adv_inputs(pred, target, aux, key, s_d, x0)
+    np.testing.assert_array_equal(f_t, f_d)
+    np.testing.assert_array_equal(s_adv, s_adv_d)
+    assert np.all((s_adv >= aux["sigma_edge"]) & (s_adv <= pcm.upper_edge(aux["sigma"], (1.0, 0.75))))
+    eps = jax.random.normal(jax.random.split(key)[1], pred.shape, jnp.float32)
+    np.testing.assert_allclose(r_d, L.add_noise(x0, eps, s_adv), rtol=1e-6)
+    np.testing.assert_allclose(r_t, pcm.renoise(target, aux["sigma_edge"], s_adv, eps), rtol=1e-6)
+    cfg = _toy_cfg(0.1)
+    cfg.pcm.adv_reals = "images"
+    with pytest.raises(ValueError, match="pcm.adv_reals must be 'target' or 'data'"):
+        methods.build(cfg, toy.ToyFlow(rngs=nnx.Rngs(0)), (2,), jax.random.key(1))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("gan", [0.0, 0.1])
 def test_pcm_student_beats_the_naive_two_step_sampler(gan):

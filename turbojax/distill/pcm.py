@@ -19,6 +19,11 @@ so the N-phase sampler is the plain Euler sampler over the sigma list (the expor
 Optional adversarial consistency term (`gan.weight` > 0): both the prediction and the target are re-noised from the
 edge to a random `s_adv` inside the phase and judged by heads on frozen-teacher features (one head per tap), hinge
 loss; the discriminator turn runs after each student turn. Groups: `student` (LoRA), `disc` (heads).
+`pcm.adv_reals = "data"` (ours, not the reference's) makes the discriminator's reals the batch's data latents noised to
+`s_adv` instead of the re-noised targets: the reference's reals and fakes share `x_n`, the noise and the time and
+differ only by the consistency error, which its heads barely separate (on the digits demo the hinge loss stays at
+its chance value 2.0 for the whole run), while data reals judge the student's outputs against the data
+distribution, as DMD2's GAN does.
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ class PCMSettings:
     huber_c: float = 0.001
     gan_weight: float = 0.0       # the student's adversarial weight (PCM: 0.1); 0 = no discriminator
     gan_d_weight: float = 1.0
+    adv_reals: str = "target"     # the discriminator's reals: re-noised targets (PCM) or "data" noised to s_adv
 
     @property
     def gan(self) -> bool:
@@ -110,13 +116,16 @@ def consistency_pair(nets: Nets, frozen, factors, batch, key, s: PCMSettings):
     return pred, jax.lax.stop_gradient(target), {"sigma": s_n, "sigma_edge": s_e, "x_n": x_n}
 
 
-def _adv_inputs(pred, target, aux, key, s: PCMSettings):
+def _adv_inputs(pred, target, aux, key, s: PCMSettings, x0=None):
+    """(fake, real, s_adv): the prediction re-noised from its edge to `s_adv` in the phase, and the target re-noised
+    the same way or (`adv_reals` "data") the data `x0` noised to `s_adv` with the same noise."""
     k_t, k_eps = jax.random.split(key)
     s_e = aux["sigma_edge"]
     hi = upper_edge(aux["sigma"], s.edges)
     s_adv = s_e + jax.random.uniform(k_t, s_e.shape, F32) * (hi - s_e)
     eps = jax.random.normal(k_eps, pred.shape, F32)
-    return renoise(pred, s_e, s_adv, eps), renoise(target, s_e, s_adv, eps), s_adv
+    real = L.add_noise(x0.astype(F32), eps, s_adv) if s.adv_reals == "data" else renoise(target, s_e, s_adv, eps)
+    return renoise(pred, s_e, s_adv, eps), real, s_adv
 
 
 def student_loss(nets: Nets, s: PCMSettings):
@@ -142,7 +151,7 @@ def disc_loss(nets: Nets, s: PCMSettings):
     def loss_fn(trainable, others, frozen, batch, key):
         k_pair, k_adv = jax.random.split(key)
         pred, target, aux = consistency_pair(nets, frozen, others["student"], batch, k_pair, s)
-        y_fake, y_real, s_adv = _adv_inputs(jax.lax.stop_gradient(pred), target, aux, k_adv, s)
+        y_fake, y_real, s_adv = _adv_inputs(jax.lax.stop_gradient(pred), target, aux, k_adv, s, batch["real"])
         cond = _cond(batch)
         f_fake, f_real = backbone_features(nets, nets.teacher(frozen), y_fake, y_real, s_adv, cond)
         disc = nets.discriminator(trainable["disc"])
@@ -165,6 +174,8 @@ def pcm_config() -> ml_collections.ConfigDict:
       pcm.teacher_cfg  CFG of the teacher's Euler step (PCM hard-codes w = 3 in Imagen form, i.e. scale 4)
       pcm.cfg_rescale  norm-rescaled CFG (Qwen-Image's pipeline rescale)
       pcm.huber_c      the pseudo-Huber constant c (PCM: 0.001)
+      pcm.adv_reals    the discriminator's reals: "target" (PCM: the re-noised consistency targets) or "data" (the
+                       batch's data latents noised to the same time; see the module docstring)
 
     The student's sigma list are the phase edges; `gan.weight` is the adversarial weight (PCM: 0.1, 0 = none),
     `gan.d_weight`, `gan.depths`, `gan.hidden` the heads on frozen-teacher features; `opt.student` / `opt.disc`
@@ -176,7 +187,8 @@ def pcm_config() -> ml_collections.ConfigDict:
     c = dmd2_config()
     c.method = "pcm"
     c.workdir = "out/pcm"
-    c.pcm = ml_collections.ConfigDict(dict(grid_steps=100, teacher_cfg=4.0, cfg_rescale=True, huber_c=0.001))
+    c.pcm = ml_collections.ConfigDict(dict(grid_steps=100, teacher_cfg=4.0, cfg_rescale=True, huber_c=0.001,
+                                            adv_reals="target"))
     c.gan.weight = 0.1
     for role in ("student",):
         c.lora[role].rank, c.lora[role].alpha = 32, 32.0
@@ -192,7 +204,8 @@ def settings_from(cfg) -> PCMSettings:
     return PCMSettings(edges=tuple(float(x) for x in cfg.student.sigmas), grid_steps=int(cfg.pcm.grid_steps),
                        shift=float(cfg.student.shift), real_cfg=float(cfg.pcm.teacher_cfg),
                        cfg_rescale=bool(cfg.pcm.cfg_rescale), huber_c=float(cfg.pcm.huber_c),
-                       gan_weight=float(cfg.gan.weight), gan_d_weight=float(cfg.gan.d_weight))
+                       gan_weight=float(cfg.gan.weight), gan_d_weight=float(cfg.gan.d_weight),
+                       adv_reals=str(cfg.pcm.get("adv_reals", "target")))
 
 
 def check_sigmas(sigmas) -> None:
@@ -213,6 +226,8 @@ def build(cfg, base_model, latent_shape, rng, *, cap_len=None):
 
     check_sigmas(cfg.student.sigmas)
     s = settings_from(cfg)
+    if s.adv_reals not in ("target", "data"):
+        raise ValueError(f"pcm.adv_reals must be 'target' or 'data', got {s.adv_reals!r}")
     if s.grid_steps < len(s.edges):
         raise ValueError(f"pcm.grid_steps {s.grid_steps} must be at least the number of phases {len(s.edges)}")
     graphdef, frozen = nnx.split(base_model)
