@@ -118,7 +118,18 @@ def test_adv_reals_data_judges_the_data_at_the_same_time():
     eps = jax.random.normal(jax.random.split(key)[1], pred.shape, jnp.float32)
     np.testing.assert_allclose(r_d, L.add_noise(x0, eps, s_adv), rtol=1e-6)
     np.testing.assert_allclose(r_t, pcm.renoise(target, aux["sigma_edge"], s_adv, eps), rtol=1e-6)
+    # both turns run with data reals (the generator draws the same fakes)
     cfg = _toy_cfg(0.1)
+    cfg.pcm.adv_reals = "data"
+    model = toy.ToyFlow(rngs=nnx.Rngs(0))
+    m = methods.build(cfg, model, (2,), jax.random.key(1))
+    _, frozen = nnx.split(model)
+    batch = {k: jnp.asarray(v) for k, v in T.toy_batch("critic", 3).items()}
+    for turn in m.turns:
+        trainable = {g: m.params[g] for g in turn.groups}
+        others = {g: v for g, v in m.params.items() if g not in turn.groups}
+        loss, _ = turn.loss(trainable, others, frozen, batch, key)
+        assert np.isfinite(float(loss))
     cfg.pcm.adv_reals = "images"
     with pytest.raises(ValueError, match="pcm.adv_reals must be 'target' or 'data'"):
         methods.build(cfg, toy.ToyFlow(rngs=nnx.Rngs(0)), (2,), jax.random.key(1))

@@ -135,7 +135,7 @@ def student_loss(nets: Nets, s: PCMSettings):
         l_cm = L.pseudo_huber(pred, target, s.huber_c)
         loss, metrics = l_cm, {"cm": l_cm, "sigma": jnp.mean(aux["sigma"])}
         if s.gan:
-            y_fake, _, s_adv = _adv_inputs(pred, target, aux, k_adv, s)
+            y_fake, _, s_adv = _adv_inputs(pred, target, aux, k_adv, s, batch["real"])
             _, feats = nets.velocity(nets.teacher(frozen), y_fake, s_adv, _cond(batch), nets.taps)
             logits = nets.discriminator(others["disc"])(feats, nets.denoiser.grid)
             l_adv = L.gan_hinge_generator_loss(logits)
