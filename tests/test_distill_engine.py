@@ -140,3 +140,33 @@ def test_init_student_lora_warm_starts_the_student(tmp_path):
         np.testing.assert_allclose(np.asarray(m.params["student"][p]["a"]), np.asarray(warm[p]["a"]), rtol=1e-6)
         np.testing.assert_allclose(np.asarray(m.params["student"][p]["b"]), 0.01, rtol=1e-6)
     assert all(float(jnp.abs(e["b"]).max()) == 0 for e in m.params["fake"].values())
+
+
+def test_lr_schedules_count_each_groups_updates():
+    """`opt.schedule`: constant after the warm-up (the default), or cosine / linear decay to 0 over the group's own
+    updates (a generator turning every `ttur_ratio` steps decays over total_steps / ttur_ratio)."""
+    cfg = dmd2_config()
+    cfg.total_steps, cfg.ttur_ratio, cfg.opt.warmup_steps = 100, 4, 5
+    cfg.opt.student.lr = 1e-3
+    const = methods._group_opt(cfg, "student", 4)
+    assert const.updates == 25 and const.schedule == "constant"
+    lr = const.learning_rate()
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(1e-3) and float(lr(25)) == pytest.approx(1e-3)
+    for kind, mid in (("cosine", 0.5e-3), ("linear", 0.5e-3)):
+        cfg.opt.schedule = kind
+        g = methods._group_opt(cfg, "student", 4)
+        lr = g.learning_rate()
+        assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(1e-3)
+        assert float(lr(15)) == pytest.approx(mid, rel=1e-5)  # half way through the 20 decay updates
+        assert float(lr(25)) == pytest.approx(0.0, abs=1e-12)
+        assert float(methods._group_opt(cfg, "fake").learning_rate()(100)) == pytest.approx(0.0, abs=1e-12)
+    # the optimiser follows it: an update at the end of a cosine run moves nothing
+    tx = E.make_tx({"student": g}, clip=0.0)
+    p = {"student": {"w": jnp.ones(3)}}
+    st = tx.init(p)
+    for _ in range(26):  # the 26th update runs at count 25, the end of the schedule
+        up, st = tx.update({"student": {"w": jnp.ones(3)}}, st, p)
+    np.testing.assert_allclose(up["student"]["w"], 0.0, atol=1e-12)
+    cfg.opt.schedule = "step"
+    with pytest.raises(ValueError, match="opt.schedule must be one of"):
+        methods._group_opt(cfg, "student").learning_rate()

@@ -231,7 +231,8 @@ def build_method(cfg, base_model, latent_shape, rng, *, cap_len=None):
 
     def group_opt(g):
         return GroupOpt(lr=float(o[g].lr), warmup_steps=int(o.warmup_steps), weight_decay=float(o.weight_decay),
-                        b1=float(o.b1), b2=float(o.b2))
+                        b1=float(o.b1), b2=float(o.b2), schedule=str(o.get("schedule", "constant")),
+                        updates=int(cfg.total_steps))
 
     txs = {"policy": make_tx({g: group_opt(g) for g in groups}, float(o.grad_clip))}
     method = Method("arcflow", nets, turns, txs, params, s)

@@ -34,6 +34,9 @@ class Turn:
     ema: tuple[str, ...] = ()  # groups whose EMA is updated after this turn
 
 
+SCHEDULES = ("constant", "cosine", "linear")
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupOpt:
     lr: float
@@ -41,13 +44,27 @@ class GroupOpt:
     weight_decay: float = 0.0
     b1: float = 0.9
     b2: float = 0.999
+    schedule: str = "constant"  # after the warm-up: constant, or decayed to 0 at `updates` (cosine, linear)
+    updates: int = 0            # the group's optimiser updates in the whole run (its turn's share of the steps)
+
+    def learning_rate(self):
+        """The LR as an optax schedule of the group's update count (part of the optimiser state, so a resumed run
+        continues the schedule exactly)."""
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"opt.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        w = int(self.warmup_steps)
+        if self.schedule == "constant":
+            return optax.warmup_constant_schedule(0.0, self.lr, w) if w else self.lr
+        n = max(int(self.updates) - w, 1)
+        decay = optax.cosine_decay_schedule(self.lr, n) if self.schedule == "cosine" else \
+            optax.linear_schedule(self.lr, 0.0, n)
+        return optax.join_schedules([optax.linear_schedule(0.0, self.lr, w), decay], [w]) if w else decay
 
 
 def make_tx(groups: Mapping[str, GroupOpt], clip: float) -> optax.GradientTransformation:
     """AdamW per group (own LR, warm-up, weight decay) after one global-norm clip over the turn's gradients."""
     def adamw(o: GroupOpt):
-        lr = optax.warmup_constant_schedule(0.0, o.lr, o.warmup_steps) if o.warmup_steps else o.lr
-        return optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+        return optax.adamw(o.learning_rate(), b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
 
     inner = optax.multi_transform({g: adamw(o) for g, o in groups.items()},
                                   lambda params: {g: jax.tree.map(lambda _: g, params[g]) for g in params})

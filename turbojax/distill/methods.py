@@ -76,10 +76,13 @@ def _adapter(model, spec, rng, init_file: str = ""):
     return lora.init_adapter(model, list(spec.targets), int(spec.rank), float(spec.alpha), rng=rng)
 
 
-def _group_opt(cfg, name: str) -> GroupOpt:
+def _group_opt(cfg, name: str, every: int = 1) -> GroupOpt:
+    """Group `name`'s optimiser settings; `every`: its turn runs every `every`-th step (the LR schedule counts the
+    group's updates, total_steps / every)."""
     g = cfg.opt[name]
     return GroupOpt(lr=float(g.lr), warmup_steps=int(cfg.opt.warmup_steps), weight_decay=float(cfg.opt.weight_decay),
-                    b1=float(cfg.opt.b1), b2=float(cfg.opt.b2))
+                    b1=float(cfg.opt.b1), b2=float(cfg.opt.b2), schedule=str(cfg.opt.get("schedule", "constant")),
+                    updates=-(-int(cfg.total_steps) // max(int(every), 1)))
 
 
 def dmd2_settings(cfg) -> dmd2.DMD2Settings:
@@ -148,7 +151,7 @@ def build(cfg, base_model, latent_shape, rng: jax.Array, *, cap_len: int | None 
                   ema=("student",) if cfg.ema_decay > 0 else ()),
              Turn("critic", critic_groups, dmd2.critic_loss(nets, s))]
     clip = float(cfg.opt.grad_clip)
-    txs = {"generator": make_tx({"student": _group_opt(cfg, "student")}, clip),
+    txs = {"generator": make_tx({"student": _group_opt(cfg, "student", int(cfg.ttur_ratio))}, clip),
            "critic": make_tx({g: _group_opt(cfg, g) for g in critic_groups}, clip)}
     return Method("dmd2", nets, turns, txs, params, s,
                   frozen_extra=dino.arrays if s.gan and s.gan_features == "dino" else None)

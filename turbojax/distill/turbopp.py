@@ -333,7 +333,8 @@ def build(cfg, base_model, latent_shape, rng, *, cap_len=None, dino=None):
     critic_groups = tuple(g for g, on in (("fake", s.dmd), ("disc", s.gan)) if on)
     turns = [Turn("generator", students, generator_loss(nets, s), every=int(cfg.ttur_ratio) if critic_groups else 1,
                   ema=students if cfg.ema_decay > 0 else ())]
-    txs = {"generator": make_tx({g: M._group_opt(cfg, "blocks" if g.endswith("_blocks") else "student")
+    every = turns[0].every  # the LR schedules count the generator's updates
+    txs = {"generator": make_tx({g: M._group_opt(cfg, "blocks" if g.endswith("_blocks") else "student", every)
                                  for g in students}, clip)}
     if critic_groups:
         turns.append(Turn("critic", critic_groups, critic_loss(nets, s)))
