@@ -196,10 +196,9 @@ def student_fn(nets, trunk):
 
 def build_method(cfg, base_model, latent_shape, rng, *, cap_len=None):
     """The `Method` for `cfg.method == "arcflow"` (called by `turbojax.distill.methods.build`)."""
-    from turbojax import lora
+    from turbojax.distill import methods as M
     from turbojax.distill.denoiser import denoiser_for
-    from turbojax.distill.engine import GroupOpt, Turn, make_tx
-    from turbojax.distill.methods import Method
+    from turbojax.distill.engine import Turn, make_tx
     from turbojax.distill.nets import Nets
     from turbojax.lora import unmerged
 
@@ -207,12 +206,7 @@ def build_method(cfg, base_model, latent_shape, rng, *, cap_len=None):
     s = settings_of(cfg)
     graphdef, frozen = nnx.split(base_model)
     k_lora, k_heads = jax.random.split(rng)
-    spec = cfg.lora.student
-    if cfg.init_student_lora:
-        adapter = unmerged.fold_scales(lora.load(cfg.init_student_lora, base_model))
-        adapter = {p: {k: np.asarray(v, np.float32) for k, v in e.items()} for p, e in adapter.items()}
-    else:
-        adapter = lora.init_adapter(base_model, list(spec.targets), int(spec.rank), float(spec.alpha), rng=k_lora)
+    adapter = M._adapter(base_model, cfg.lora.student, k_lora, cfg.init_student_lora)
     roles = {"student": unmerged.make_role(graphdef, frozen, adapter)}
     nets = Nets(base=graphdef, roles=roles, denoiser=denoiser_for(base_model, latent_shape, cap_len),
                 latent_shape=tuple(latent_shape))
@@ -227,15 +221,8 @@ def build_method(cfg, base_model, latent_shape, rng, *, cap_len=None):
     loss = A.policy_loss(student_fn(nets, trunk), teacher_fn, latent_shape, s)
     groups = ("student", "heads", "gamma")
     turns = [Turn("policy", groups, loss, ema=groups if cfg.ema_decay > 0 else ())]
-    o = cfg.opt
-
-    def group_opt(g):
-        return GroupOpt(lr=float(o[g].lr), warmup_steps=int(o.warmup_steps), weight_decay=float(o.weight_decay),
-                        b1=float(o.b1), b2=float(o.b2), schedule=str(o.get("schedule", "constant")),
-                        updates=int(cfg.total_steps))
-
-    txs = {"policy": make_tx({g: group_opt(g) for g in groups}, float(o.grad_clip))}
-    method = Method("arcflow", nets, turns, txs, params, s)
+    txs = {"policy": make_tx({g: M._group_opt(cfg, g) for g in groups}, float(cfg.opt.grad_clip))}
+    method = M.Method("arcflow", nets, turns, txs, params, s)
     method.trunk = trunk
     method.export = functools.partial(_export_hook, method)
     method.digits_images = functools.partial(_digits_hook, method)

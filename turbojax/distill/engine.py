@@ -182,7 +182,8 @@ class Engine:
             elif bucket in self.bucket_steps:
                 step = self.bucket_steps[bucket][turn.name]
             else:
-                raise ValueError(f"batch of bucket {bucket!r}, but the engine's buckets are {sorted(self.bucket_steps)}")
+                raise ValueError(f"batch of bucket {bucket!r}, but the engine's buckets are "
+                                 f"{sorted(self.bucket_steps)}")
             state, m = step(state, frozen, batch, turn_key(self.seed, it, i))
             metrics.update(m)
         return state, metrics
