@@ -167,6 +167,15 @@ def test_lr_schedules_count_each_groups_updates():
     for _ in range(26):  # the 26th update runs at count 25, the end of the schedule
         up, st = tx.update({"student": {"w": jnp.ones(3)}}, st, p)
     np.testing.assert_allclose(up["student"]["w"], 0.0, atol=1e-12)
+    # wsd: constant until the last opt.decay_steps run steps (here 40 steps = 10 generator updates), then linear to 0
+    cfg.opt.schedule, cfg.opt.decay_steps = "wsd", 40
+    g = methods._group_opt(cfg, "student", 4)
+    assert g.decay_updates == 10
+    lr = g.learning_rate()
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(1e-3) and float(lr(15)) == pytest.approx(1e-3)
+    assert float(lr(20)) == pytest.approx(0.5e-3, rel=1e-5) and float(lr(25)) == pytest.approx(0.0, abs=1e-12)
+    fake = methods._group_opt(cfg, "fake").learning_rate()  # every step: decays over steps 60..100
+    assert float(fake(60)) == pytest.approx(1e-5) and float(fake(80)) == pytest.approx(0.5e-5, rel=1e-5)
     cfg.opt.schedule = "step"
     with pytest.raises(ValueError, match="opt.schedule must be one of"):
         methods._group_opt(cfg, "student").learning_rate()

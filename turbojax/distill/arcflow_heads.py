@@ -169,7 +169,8 @@ def arcflow_config() -> ml_collections.ConfigDict:
     c.arcflow = ml_collections.ConfigDict(dict(
         num_components=16, guidance=4.0, cfg_rescale=False, num_states=4, window_substeps=3, total_substeps=128,
         decay_iters=1000, dropout=0.1, loss_scale=30.0, segment_weights=(), mean_jitter=0.05, gamma_init=(0.2, 4.0)))
-    c.opt = ml_collections.ConfigDict(dict(warmup_steps=100, weight_decay=0.0, b1=0.9, b2=0.95, grad_clip=50.0))
+    c.opt = ml_collections.ConfigDict(dict(warmup_steps=100, weight_decay=0.0, b1=0.9, b2=0.95, grad_clip=50.0,
+                                           schedule="constant", decay_steps=0))
     for g, lr in (("student", 1e-4), ("heads", 1e-4), ("gamma", 1e-5)):
         c.opt[g] = ml_collections.ConfigDict(dict(lr=lr))
     c.ema_decay = 0.999

@@ -50,7 +50,8 @@ Every field, with the published values it follows (shared docs `distillation.md`
   ema_decay         EMA of the student LoRA (exported); 0 = no EMA
   opt.<group>.lr    per group: student, fake, disc; opt.warmup_steps, weight_decay, b1, b2, grad_clip
   opt.schedule      the LR after the warm-up: "constant", or "cosine" / "linear" decay to 0 at the run's end
-                    (each group over its own updates: the generator's are total_steps / ttur_ratio)
+                    (each group over its own updates: the generator's are total_steps / ttur_ratio), or "wsd":
+                    constant, then linear decay to 0 over the run's last opt.decay_steps steps
   mesh              (data, fsdp, tensor) sizes over all devices of all hosts; -1 fills; laid out along the TPU
                     torus, and on a multi-slice job data spans the slices (a multiple of their number)
   distributed       multi-host runs (`turbojax.distributed`): coordinator_address, num_processes, process_id,
@@ -94,7 +95,7 @@ def dmd2_config() -> ml_collections.ConfigDict:
     c.ema_decay = 0.99
 
     c.opt = ml_collections.ConfigDict(dict(warmup_steps=0, weight_decay=0.01, b1=0.9, b2=0.999, grad_clip=10.0,
-                                           schedule="constant"))
+                                           schedule="constant", decay_steps=0))
     for g, lr in (("student", 1e-5), ("fake", 1e-5), ("disc", 1e-5)):
         c.opt[g] = ml_collections.ConfigDict(dict(lr=lr))
 

@@ -34,7 +34,7 @@ class Turn:
     ema: tuple[str, ...] = ()  # groups whose EMA is updated after this turn
 
 
-SCHEDULES = ("constant", "cosine", "linear")
+SCHEDULES = ("constant", "cosine", "linear", "wsd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +44,9 @@ class GroupOpt:
     weight_decay: float = 0.0
     b1: float = 0.9
     b2: float = 0.999
-    schedule: str = "constant"  # after the warm-up: constant, or decayed to 0 at `updates` (cosine, linear)
+    schedule: str = "constant"  # after the warm-up: constant, or decayed to 0 at `updates` (cosine, linear, wsd)
     updates: int = 0            # the group's optimiser updates in the whole run (its turn's share of the steps)
+    decay_updates: int = 0      # wsd: the last `decay_updates` updates decay linearly to 0 (the rest stay constant)
 
     def learning_rate(self):
         """The LR as an optax schedule of the group's update count (part of the optimiser state, so a resumed run
@@ -56,8 +57,16 @@ class GroupOpt:
         if self.schedule == "constant":
             return optax.warmup_constant_schedule(0.0, self.lr, w) if w else self.lr
         n = max(int(self.updates) - w, 1)
-        decay = optax.cosine_decay_schedule(self.lr, n) if self.schedule == "cosine" else \
-            optax.linear_schedule(self.lr, 0.0, n)
+        if self.schedule == "wsd":
+            # warm-up, stable, decay: a run can be continued (more steps, the same constant LR) until its last
+            # `decay_updates`, and averaging the iterates by annealing happens only at the end.
+            d = min(max(int(self.decay_updates), 1), n)
+            decay = optax.join_schedules([optax.constant_schedule(self.lr), optax.linear_schedule(self.lr, 0.0, d)],
+                                         [n - d])
+        elif self.schedule == "cosine":
+            decay = optax.cosine_decay_schedule(self.lr, n)
+        else:
+            decay = optax.linear_schedule(self.lr, 0.0, n)
         return optax.join_schedules([optax.linear_schedule(0.0, self.lr, w), decay], [w]) if w else decay
 
 

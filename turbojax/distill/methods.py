@@ -79,10 +79,11 @@ def _adapter(model, spec, rng, init_file: str = ""):
 def _group_opt(cfg, name: str, every: int = 1) -> GroupOpt:
     """Group `name`'s optimiser settings; `every`: its turn runs every `every`-th step (the LR schedule counts the
     group's updates, total_steps / every)."""
-    g = cfg.opt[name]
+    g, every = cfg.opt[name], max(int(every), 1)
     return GroupOpt(lr=float(g.lr), warmup_steps=int(cfg.opt.warmup_steps), weight_decay=float(cfg.opt.weight_decay),
                     b1=float(cfg.opt.b1), b2=float(cfg.opt.b2), schedule=str(cfg.opt.get("schedule", "constant")),
-                    updates=-(-int(cfg.total_steps) // max(int(every), 1)))
+                    updates=-(-int(cfg.total_steps) // every),
+                    decay_updates=-(-int(cfg.opt.get("decay_steps", 0)) // every))
 
 
 def dmd2_settings(cfg) -> dmd2.DMD2Settings:
