@@ -67,3 +67,33 @@ def test_activation_backward_matches_autodiff(dtype):
         g2 = jax.grad(lambda x: jnp.sum((ref(x.astype(jnp.float32)) * w.astype(jnp.float32))))(x)
         tol = 1e-5 if dtype == jnp.float32 else 2e-2  # round-off of a different formula
         np.testing.assert_allclose(np.asarray(g1, np.float32), np.asarray(g2, np.float32), atol=tol, rtol=tol)
+
+
+def test_half_precision_linear_backward_runs_half_precision_products():
+    """`layers.dot_acc32` (every `Linear`): the bf16 backward gives bit-for-bit autodiff's gradients of the fp32-
+    accumulated dot, with both backward products on bf16 operands (autodiff's own transpose feeds them the fp32
+    cotangent, so XLA:CPU upcasts the weight and runs fp32 GEMMs), over batch and token axes."""
+    from turbojax.nn.layers import dot_acc32
+    k = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k[0], (2, 24, 40)).astype(jnp.bfloat16)
+    w = (jax.random.normal(k[1], (40, 16)) * 0.2).astype(jnp.bfloat16)
+    c = jax.random.normal(k[2], (2, 24, 16))
+
+    def loss(dot):
+        return lambda x, w: jnp.sum(dot(x, w).astype(jnp.bfloat16).astype(jnp.float32) * c)
+    autodiff = jax.grad(loss(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)), (0, 1))(x, w)
+    ours = jax.grad(loss(dot_acc32), (0, 1))(x, w)
+    for a, b in zip(autodiff, ours):
+        assert b.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    def operand_types(dot):
+        hlo = jax.jit(jax.grad(loss(dot), (0, 1))).lower(x, w).as_text()
+        return re.findall(r"stablehlo\.dot_general.*?: \((tensor<[^>]*>), (tensor<[^>]*>)\)", hlo)
+    sigs = operand_types(dot_acc32)
+    assert len(sigs) == 2 and all(a.endswith("xbf16>") and b.endswith("xbf16>") for a, b in sigs), sigs
+    # what it replaces: autodiff feeds the fp32 cotangent to the backward products
+    plain = operand_types(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
+    assert any("xf32>" in a + b for a, b in plain)
+    # fp32 is unchanged: autodiff's own path
+    x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+    np.testing.assert_array_equal(np.asarray(dot_acc32(x32, w32)), np.asarray(jnp.dot(x32, w32)))
