@@ -57,38 +57,63 @@ def _broadcast_rows_fn(vshape: tuple, shape: tuple, dtype):
 
 
 def dot_acc32(x: jax.Array, w: jax.Array) -> jax.Array:
-    """`x @ w` (`w` 2-D, contracting x's last axis) accumulated and returned in fp32.
+    """`x @ w` (`w` 2-D, contracting x's last axis) accumulated and returned in fp32, with a backward built for
+    the GEMM kernels:
 
-    For half-precision operands the backward products also run in half precision: autodiff's own transpose of a
-    dot asked for an fp32 result hands the fp32 cotangent to both backward products, and XLA:CPU then converts the
-    other (bf16) operand, a whole weight stack per scanned layer, to fp32 and runs fp32 GEMMs (on the medium
-    bf16 Qwen-Image fwd+bwd: backward GEMMs at 3x the forward's time, stack converts ~10 %). The callers round the
-    result to the half dtype, so the cotangent holds half-precision values and casting it back loses nothing; dx
-    and dw come out in the operands' dtypes, as torch's bf16 backward gives them. fp32 takes autodiff's path."""
-    if x.dtype == jnp.float32 and w.dtype == jnp.float32:
+    * Half-precision operands get half-precision backward products. Autodiff's own transpose of a dot asked for an
+      fp32 result hands the fp32 cotangent to both backward products, and XLA:CPU then converts the other (bf16)
+      operand, a whole weight stack per scanned layer, to fp32 and runs fp32 GEMMs (medium bf16 Qwen-Image
+      fwd+bwd: backward GEMMs at 3x the forward's time). The callers round the result to the half dtype, so the
+      cotangent holds half-precision values and casting it back loses nothing; dx and dw come out in the
+      operands' dtypes, as torch's bf16 backward gives them.
+    * On CPU the weight gradient `x^T g` contracts the token axis, the major axis of both operands. XLA:CPU's fast
+      GEMM (YNNPACK) does not take a transposed left operand, so that product falls back to Eigen at half the
+      speed in bf16 (~160-200 GFLOP/s against ~400 for the same product in forward layout on an AVX512-BF16
+      host, ~10 % slower in fp32). `_transposed_copy` writes `x^T` once (one pass over x) and the product runs in
+      forward layout.
+
+    fp32 off CPU keeps autodiff's path (accelerator GEMMs take either layout)."""
+    if x.dtype == jnp.float32 and w.dtype == jnp.float32 and not _on_cpu():
         return jnp.dot(x, w, preferred_element_type=jnp.float32)
-    return _dot_half(x, w)
+    return _dot_acc32(x, w)
+
+
+def _on_cpu() -> bool:
+    from turbojax.nn.attention import current_platform  # attention imports nothing of ours; keeps layers light
+    return current_platform() == "cpu"
+
+
+def _transposed_copy(a: jax.Array) -> jax.Array:
+    """`a.T` of a 2-D array, materialised in row-major order: flattened behind an optimization barrier, XLA's
+    layout assignment cannot turn the transpose into a column-major view (which a dot would then read
+    transposed)."""
+    n, m = a.shape
+    return jax.lax.optimization_barrier(a.T.reshape(-1)).reshape(m, n)
 
 
 @jax.custom_vjp
-def _dot_half(x, w):
+def _dot_acc32(x, w):
     return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
 
-def _dot_half_fwd(x, w):
-    return _dot_half(x, w), (x, w)
+def _dot_acc32_fwd(x, w):
+    return _dot_acc32(x, w), (x, w)
 
 
-def _dot_half_bwd(res, ct):
+def _dot_acc32_bwd(res, ct):
     x, w = res
     g = ct.astype(x.dtype)
     dx = jnp.dot(g, w.T.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
-    lead = tuple(range(x.ndim - 1))  # every axis but the contracted one: batch and tokens sum into dw
-    dw = jax.lax.dot_general(x, g, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
+    if _on_cpu():  # batch and tokens sum into dw
+        x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+        dw = jnp.dot(_transposed_copy(x2), g2, preferred_element_type=jnp.float32)
+    else:  # no reshape: a batch axis sharded over a mesh stays as it is
+        lead = tuple(range(x.ndim - 1))
+        dw = jax.lax.dot_general(x, g, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
     return dx, dw.astype(w.dtype)
 
 
-_dot_half.defvjp(_dot_half_fwd, _dot_half_bwd)
+_dot_acc32.defvjp(_dot_acc32_fwd, _dot_acc32_bwd)
 
 
 # Activations with a hand-written backward that keeps only their input. Autodiff of tanh-GELU saves five
