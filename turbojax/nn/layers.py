@@ -79,7 +79,7 @@ def dot_acc32(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _on_cpu() -> bool:
-    from turbojax.nn.attention import current_platform  # attention imports nothing of ours; keeps layers light
+    from turbojax.nn.attention import current_platform  # imported here: attention imports this module
     return current_platform() == "cpu"
 
 
