@@ -3,7 +3,11 @@ executed thunk, named after its HLO instruction), op time summed per instruction
 operation that emitted it (the `op_name` metadata of the compiled HLO). Shared by `forward.py`, `train_step.py` and
 `vae_floor.py`. XLA:CPU runs independent thunks concurrently (e.g. the weight conversions at the start of a
 program), so op times can add up to more than the wall time, and on a shared host each op's time includes the
-moments it was preempted: read shares, and compare profiles taken in the same run."""
+moments it was preempted: read shares, and compare profiles taken in the same run.
+
+Not every thunk's work is inside its event: a `dot` that XLA:CPU hands to Eigen (not a `ynn_fusion`) is dispatched
+to Eigen's pool and its event ends at the dispatch, so its time shows up as gaps between events. `untraced_ms` is
+that time per run: the wall span of the run's events minus the time covered by at least one event."""
 from __future__ import annotations
 
 import collections
@@ -50,10 +54,12 @@ def profile_ops(fn, arg, runs: int = 3, top: int = 15) -> dict:
         data = json.load(gzip.open(files[0]))
     events = data["traceEvents"] if isinstance(data, dict) else data
     per = collections.Counter()
+    spans = []
     for e in events:
         name = e.get("name", "")
         if e.get("ph") == "X" and name in names:
             per[name] += e.get("dur", 0) / 1e3 / runs
+            spans.append((e["ts"], e["ts"] + e.get("dur", 0)))
     total = sum(per.values())
     ops = [{"op": n, "ms": ms, "share": ms / total if total else 0.0, "what": names[n]} for n, ms in
            per.most_common(top)]
@@ -66,11 +72,23 @@ def profile_ops(fn, arg, runs: int = 3, top: int = 15) -> dict:
         phase = "bwd" if "transpose(" in path else "fwd"
         by_op[f"{phase} {'gemm' if 'ynn' in n or kind == 'dot' else kind} {path.split('/')[-1]}"] += ms
     return {"total_ms": total, "top": ops, "by_kind": dict(by_kind.most_common(12)),
-            "by_op": dict(by_op.most_common(20))}
+            "by_op": dict(by_op.most_common(20)), "untraced_ms": _untraced_us(spans) / 1e3 / runs}
+
+
+def _untraced_us(spans) -> float:
+    """Gaps longer than 0.1 ms between events (the few host-side returns between runs are counted too: they are
+    tens of microseconds)."""
+    gaps, end = 0.0, None
+    for s, e in sorted(spans):
+        if end is not None and s - end > 100:
+            gaps += s - end
+        end = e if end is None else max(end, e)
+    return gaps
 
 
 def print_profile(p: dict, what: str) -> None:
-    print(f"  per-op profile of {what} ({p['total_ms']:.1f} ms of op time per run):")
+    print(f"  per-op profile of {what} ({p['total_ms']:.1f} ms of op time per run, plus "
+          f"{p.get('untraced_ms', 0.0):.1f} ms between events: Eigen dots, runtime):")
     for o in p["top"]:
         print(f"    {o['ms']:7.2f} ms {100 * o['share']:5.1f}%  {o['op'][:28]:28s} {o['what'][:110]}")
     print("    by op kind (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in p["by_kind"].items()))

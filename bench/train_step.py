@@ -23,6 +23,7 @@ import argparse
 import collections
 import copy
 import json
+import resource
 import statistics
 import sys
 import time
@@ -270,6 +271,13 @@ def run_case(a, kind, name, tm, sd, fam, cfg, inputs, fl):
         jax.block_until_ready(fn(jargs[k]))
         res["compile_s"][k] = time.perf_counter() - t0
     fns = {f"turbojax {k}": (lambda fn=fn, k=k: jax.block_until_ready(fn(jargs[k]))) for k, fn in jfns.items()}
+    # Minor page faults of one warm call: memory XLA:CPU maps fresh on every call (its temporaries and outputs
+    # when they are too large for the allocator to keep), each page zeroed by the kernel on first touch.
+    res["page_faults"] = {}
+    for k, fn in fns.items():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fn()
+        res["page_faults"][k] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
     if a.torch:
         call = torch_call(kind, inputs, tdt)
         for p in tm.parameters():
@@ -331,6 +339,10 @@ def report(kind, name, r):
     noisy = [k for k in t if med[k] > fwdbench.NOISY * t[k]]
     if noisy:
         print(f"  warning: median > {fwdbench.NOISY}x best for {', '.join(noisy)} (contended host)")
+    if r.get("page_faults"):
+        pf = r["page_faults"]
+        print("  minor page faults per warm call: " + ", ".join(
+            f"{k.split()[-1]} {v} (~{v * resource.getpagesize() / 2**20:.0f} MiB)" for k, v in pf.items()))
     if "grad_rel_diff" in r:
         print(f"  patch-embedder gradient vs torch: rel max diff {r['grad_rel_diff']:.2e}")
     if "backward_floor" in r:
