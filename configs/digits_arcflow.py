@@ -34,8 +34,10 @@ def get_config():
     c.ema_decay = 0.99
     c.batch_size = 32
     # quality bench (3 seeds x 1,000 digits): FD 108.9 at 1,000 steps, 95.7 at 2,000, 89.5 at 3,000, 87.0 at 4,000,
-    # 85.2 at 5,000, 84.3 at 6,000 (the naive 2-step sampler: 165.2); see bench/README.md
-    c.total_steps = 6000
+    # 85.2 at 5,000, 84.3 at 6,000 at a constant LR; 83.1 with the LR decayed linearly to 0 over steps 6,000-7,000
+    # (83.5 decaying over 6,000-8,000). The naive 2-step sampler: 165.2; see bench/README.md
+    c.total_steps = 7000
+    c.opt.schedule, c.opt.decay_steps = "wsd", 1000
     c.log_every = 50
     c.checkpoint_every = 250
     c.sample_every = 500
