@@ -357,7 +357,9 @@ def _train(teacher, workdir, total, cwd):
             "--config.batch_size", "8", "--config.arcflow.num_components", "4", "--config.arcflow.num_states", "2",
             # fully on-policy from step 0: the teacher share changes the loss's scale while it decays
             "--config.arcflow.decay_iters", "0", "--config.lora.student.rank", "4", "--config.opt.warmup_steps", "0",
-            "--config.opt.heads.lr", "1e-2", "--config.opt.student.lr", "1e-2"]
+            "--config.opt.heads.lr", "1e-2", "--config.opt.student.lr", "1e-2",
+            # the run is cut short by a smaller total_steps, which moves a decaying schedule (the config's wsd)
+            "--config.opt.schedule", "constant"]
     r = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=_env(), timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
