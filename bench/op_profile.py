@@ -7,7 +7,7 @@ moments it was preempted: read shares, and compare profiles taken in the same ru
 
 Not every thunk's work is inside its event: a `dot` that XLA:CPU hands to Eigen (not a `ynn_fusion`) is dispatched
 to Eigen's pool and its event ends at the dispatch, so its time shows up as gaps between events. `untraced_ms` is
-that time per run: the wall span of the run's events minus the time covered by at least one event."""
+that time per run: the gaps longer than 0.1 ms during which no event is open."""
 from __future__ import annotations
 
 import collections

@@ -176,6 +176,12 @@ def test_lr_schedules_count_each_groups_updates():
     assert float(lr(20)) == pytest.approx(0.5e-3, rel=1e-5) and float(lr(25)) == pytest.approx(0.0, abs=1e-12)
     fake = methods._group_opt(cfg, "fake").learning_rate()  # every step: decays over steps 60..100
     assert float(fake(60)) == pytest.approx(1e-5) and float(fake(80)) == pytest.approx(0.5e-5, rel=1e-5)
+    cfg.opt.decay_steps = 400  # longer than the run (a shortened demo run): decays over all 20 post-warm-up updates
+    lr = methods._group_opt(cfg, "student", 4).learning_rate()
+    assert float(lr(5)) == pytest.approx(1e-3) and float(lr(15)) == pytest.approx(0.5e-3, rel=1e-5)
+    cfg.opt.decay_steps = 0
+    with pytest.raises(ValueError, match="opt.schedule wsd needs opt.decay_steps > 0"):
+        methods._group_opt(cfg, "student", 4).learning_rate()
     cfg.opt.schedule = "step"
     with pytest.raises(ValueError, match="opt.schedule must be one of"):
         methods._group_opt(cfg, "student").learning_rate()

@@ -51,7 +51,8 @@ Every field, with the published values it follows (shared docs `distillation.md`
   opt.<group>.lr    per group: student, fake, disc; opt.warmup_steps, weight_decay, b1, b2, grad_clip
   opt.schedule      the LR after the warm-up: "constant", or "cosine" / "linear" decay to 0 at the run's end
                     (each group over its own updates: the generator's are total_steps / ttur_ratio), or "wsd":
-                    constant, then linear decay to 0 over the run's last opt.decay_steps steps
+                    constant, then linear decay to 0 over the run's last opt.decay_steps steps (> 0; a run
+                    shorter than that decays all along)
   mesh              (data, fsdp, tensor) sizes over all devices of all hosts; -1 fills; laid out along the TPU
                     torus, and on a multi-slice job data spans the slices (a multiple of their number)
   distributed       multi-host runs (`turbojax.distributed`): coordinator_address, num_processes, process_id,

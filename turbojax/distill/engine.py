@@ -60,7 +60,10 @@ class GroupOpt:
         if self.schedule == "wsd":
             # warm-up, stable, decay: a run can be continued (more steps, the same constant LR) until its last
             # `decay_updates`, and averaging the iterates by annealing happens only at the end.
-            d = min(max(int(self.decay_updates), 1), n)
+            if int(self.decay_updates) <= 0:
+                raise ValueError("opt.schedule wsd needs opt.decay_steps > 0 (the steps the LR decays over at the "
+                                 "run's end)")
+            d = min(int(self.decay_updates), n)  # a run shorter than its decay decays all along
             decay = optax.join_schedules([optax.constant_schedule(self.lr), optax.linear_schedule(self.lr, 0.0, d)],
                                          [n - d])
         elif self.schedule == "cosine":

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from turbojax.nn.layers import _transposed_copy
+from turbojax.nn.layers import transposed_copy
 
 IMPLEMENTATIONS = ("xla", "chunked", "auto", "cudnn", "splash")
 
@@ -227,7 +227,7 @@ def _chunked_backward(c: _Chunking, q, k, v, masks, out, m_all, linv_all, dout):
             # XLA:CPU runs a transposed-left half-precision product as fp32 converts + Eigen; a row-major copy of
             # x^T and a plain bf16 GEMM take ~2/3 of that time ([1088, 1088]^T x [1088, 64]: 0.88 vs 1.35 ms).
             # In fp32 the transposed product is as fast as the copy + GEMM, so it stays.
-            return jnp.dot(_transposed_copy(x), y, preferred_element_type=F32)
+            return jnp.dot(transposed_copy(x), y, preferred_element_type=F32)
         return lax.dot_general(x, y, (((0,), (0,)), ((), ())), preferred_element_type=F32)
 
     cpu = current_platform() == "cpu"

@@ -69,7 +69,7 @@ def dot_acc32(x: jax.Array, w: jax.Array) -> jax.Array:
     * On CPU the weight gradient `x^T g` contracts the token axis, the major axis of both operands. XLA:CPU's fast
       GEMM (YNNPACK) does not take a transposed left operand, so that product falls back to Eigen at half the
       speed in bf16 (~160-200 GFLOP/s against ~400 for the same product in forward layout on an AVX512-BF16
-      host, ~10 % slower in fp32). `_transposed_copy` writes `x^T` once (one pass over x) and the product runs in
+      host, ~10 % slower in fp32). `transposed_copy` writes `x^T` once (one pass over x) and the product runs in
       forward layout.
 
     fp32 off CPU keeps autodiff's path (accelerator GEMMs take either layout)."""
@@ -83,7 +83,7 @@ def _on_cpu() -> bool:
     return current_platform() == "cpu"
 
 
-def _transposed_copy(a: jax.Array) -> jax.Array:
+def transposed_copy(a: jax.Array) -> jax.Array:
     """`a.T` of a 2-D array, materialised in row-major order: flattened behind an optimization barrier, XLA's
     layout assignment cannot turn the transpose into a column-major view (which a dot would then read
     transposed)."""
@@ -106,7 +106,7 @@ def _dot_acc32_bwd(res, ct):
     dx = jnp.dot(g, w.T.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
     if _on_cpu():  # batch and tokens sum into dw
         x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-        dw = jnp.dot(_transposed_copy(x2), g2, preferred_element_type=jnp.float32)
+        dw = jnp.dot(transposed_copy(x2), g2, preferred_element_type=jnp.float32)
     else:  # no reshape: a batch axis sharded over a mesh stays as it is
         lead = tuple(range(x.ndim - 1))
         dw = jax.lax.dot_general(x, g, ((lead, lead), ((), ())), preferred_element_type=jnp.float32)
